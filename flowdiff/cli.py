@@ -1,0 +1,156 @@
+"""The ``flowdiff`` command: LightningCLI for fit/validate/test/predict, plus ``sample``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from flowdiff.callbacks import EMA
+from flowdiff.module import FlowModule
+from flowdiff.utils import UsageError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+EXTRA_SUBCOMMANDS = {"sample": "Draw samples from a checkpoint (no --config needed)."}
+
+
+def resolve_config(value: str) -> str:
+    """A config path as given, or the shipped config of that name when no such file exists here.
+
+    ``--config toy.yaml`` and ``--config configs/toy.yaml`` work from any directory.
+    """
+    if os.path.exists(value) or value.lstrip().startswith(("{", "[")) or "\n" in value:
+        return value
+    shipped = CONFIG_DIR / Path(value).name
+    if shipped.is_file():
+        return str(shipped)
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    raise UsageError(f"config file {value!r} not found (shipped configs: {', '.join(names)})")
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
+
+
+def wandb_logger(save_dir: str):
+    """W&B logger under the run directory: online with credentials, otherwise offline."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from flowdiff.wandb_mode import choose_wandb_mode
+
+    choose_wandb_mode()
+    os.makedirs(save_dir, exist_ok=True)
+    return WandbLogger(save_dir=save_dir, project="flowdiff", name=Path(save_dir).name)
+
+
+class FlowdiffCLI(LightningCLI):
+    """LightningCLI with flowdiff's run-directory, checkpoint, EMA and W&B conventions."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # guarded by check_run_dir
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault(
+            "trainer_defaults",
+            {"default_root_dir": "runs/default", "enable_progress_bar": sys.stderr.isatty()},
+        )
+        super().__init__(FlowModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Train into a run directory that already holds a run, deleting its checkpoints.",
+        )
+        parser.add_lightning_class_args(EMA, "ema")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments(
+            "trainer.default_root_dir",
+            "checkpoint.dirpath",
+            compute_fn=lambda root: os.path.join(root, "checkpoints"),
+        )
+        parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # List flowdiff's own subcommands in `flowdiff --help`; main() runs them.
+        action = parser._subcommands_action
+        for name, help_text in EXTRA_SUBCOMMANDS.items():
+            action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            config = self.config.fit
+            check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
+            kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        root = self.trainer.default_root_dir
+        print(f"flowdiff: run directory {root} (checkpoints in {os.path.join(root, 'checkpoints')})")
+        from flowdiff.wandb_mode import print_sync_hint
+
+        print_sync_hint(self.trainer.logger)
+
+
+def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
+    """Refuse to train into a directory holding an earlier run, unless resuming or overwriting."""
+    run = Path(root)
+    previous = run / "config.yaml"
+    if not previous.exists() or ckpt_path is not None:
+        return
+    if not overwrite:
+        raise UsageError(
+            f"run directory {run} already holds a run; resume it with --ckpt_path last, choose "
+            f"another with --trainer.default_root_dir DIR, or pass --overwrite true to replace it"
+        )
+    for name in ("checkpoints", "samples"):
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``flowdiff`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    from jsonargparse import ArgumentError
+
+    try:
+        if argv and argv[0] == "sample":
+            from flowdiff.sample import sample_main
+
+            sample_main(argv[1:])
+        else:
+            FlowdiffCLI(args=resolve_config_args(argv))
+    except (UsageError, ArgumentError) as err:
+        if debug:
+            raise
+        print(f"flowdiff: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A time-conditioned MLP for points, with an optional label embedding (null class for CFG)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+
+
+class MLP(nn.Module):
+    """``forward(x, t, y=None) -> (B, dim)`` for points ``x`` (B, dim).
+
+    The time (and label) embedding is added to the input projection; ``depth`` hidden layers of
+    width ``hidden`` with SiLU follow.
+
+    Args:
+        dim: data dimension.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        time_embed_dim: size of the sinusoidal time embedding.
+        num_classes: number of labels; 0 for an unconditional network. With labels, index
+            ``num_classes`` is the null label used for classifier-free guidance (and when y is None).
+    """
+
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 3,
+        time_embed_dim: int = 64,
+        num_classes: int = 0,
+    ):
+        super().__init__()
+        self.dim, self.num_classes = dim, num_classes
+        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
+        self.input = nn.Linear(dim + time_embed_dim, hidden)
+        layers: list[nn.Module] = []
+        for _ in range(depth - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        self.body = nn.Sequential(*layers, nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        emb = self.time_embed(t)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y, x.shape[0])
+        return self.body(self.input(torch.cat([x, emb.to(x.dtype)], dim=-1)))

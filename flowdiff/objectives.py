@@ -1,0 +1,60 @@
+"""Training objectives: small callables ``objective(output, sample, path) -> per-sample loss``.
+
+Both regress the network output on a target built from the same path sample; they differ only in
+what the network predicts (and so in the target). The loss is the mean over the data dimensions,
+so its scale does not depend on the image size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from flowdiff.paths import GaussianConditionalPath, PathSample, Prediction
+from flowdiff.utils import UsageError
+
+
+class Objective:
+    """Base class. ``prediction`` names what the network outputs: velocity, score or noise."""
+
+    prediction: Prediction
+
+    def __call__(self, output: Tensor, sample: PathSample, path: GaussianConditionalPath) -> Tensor:
+        """Per-sample loss ``mean_D (output - target)^2``. output: (B, *D). Returns (B,)."""
+        target = path.target(sample, self.prediction)
+        return (output - target).square().flatten(1).mean(1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prediction={self.prediction!r})"
+
+
+class ConditionalFlowMatching(Objective):
+    """CFM: ``E || u_theta(x_t, t) - u_t(x_t|z) ||^2`` with ``u_t(x|z) = d_alpha_t z + d_beta_t eps``.
+
+    Theorem 3 of the course notes: it differs from the marginal flow-matching loss by a constant.
+    """
+
+    prediction: Prediction = "velocity"
+
+
+class ConditionalScoreMatching(Objective):
+    """CSM: ``E lambda_t || s_theta(x_t, t) - grad log p_t(x_t|z) ||^2``, target ``-eps / beta_t``.
+
+    Args:
+        weighting: ``"beta2"`` (default) uses ``lambda_t = beta_t^2``, i.e.
+            ``E || beta_t s_theta + eps ||^2``. The network then predicts the noise
+            ``eps_theta = -beta_t s_theta`` (DDPM's parameterisation), so its output stays O(1) for
+            all t, and the score is recovered as ``-eps_theta / beta_t``. ``"none"`` uses
+            ``lambda_t = 1``: the network predicts the score itself, whose target grows like
+            ``1 / beta_t`` near t = 1 and dominates the loss there; that is why it is not the default.
+    """
+
+    def __init__(self, weighting: Literal["beta2", "none"] = "beta2"):
+        if weighting not in ("beta2", "none"):
+            raise UsageError(f"unknown weighting {weighting!r}; expected 'beta2' or 'none'")
+        self.weighting = weighting
+        self.prediction = "noise" if weighting == "beta2" else "score"
+
+    def __repr__(self) -> str:
+        return f"ConditionalScoreMatching(weighting={self.weighting!r})"
