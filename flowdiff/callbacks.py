@@ -10,7 +10,7 @@ from flowdiff.utils import UsageError
 
 
 def ema_decay(decay: float, warmup: float, num_averaged: int) -> float:
-    """Decay of the EMA update after ``num_averaged`` updates: ``min(decay, (1 + n) / (warmup + n))``.
+    """EMA decay after ``n = num_averaged`` updates: ``min(decay, (1 + n) / (warmup + n))``.
 
     The warm-up keeps the average from holding on to the first, nearly random, weights: with a
     fixed decay of 0.999, 1,100 updates still weigh the first iterate by ``0.999^1100 = 1/3``;

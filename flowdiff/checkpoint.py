@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,14 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UsageError(f"checkpoint {str(path)!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+    ) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
             f"cannot read checkpoint {str(path)!r}: corrupt, truncated or not a safe "
@@ -52,7 +60,10 @@ def load_run(path: str | Path) -> LoadedRun:
     ckpt = read_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     try:
-        model = instantiate_module(FlowModule, hparams)
+        with warnings.catch_warnings():
+            # save_hyperparameters sees the rebuilt objects; the checkpoint keeps their config.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            model = instantiate_module(FlowModule, hparams)
         model.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # a checkpoint from another version or a damaged one
         raise UsageError(f"cannot rebuild the model from {str(path)!r}: {err}") from err

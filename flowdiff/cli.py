@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -59,6 +60,7 @@ class FlowdiffCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # guarded by check_run_dir
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         kwargs.setdefault("save_config_callback", SaveConfigCallback)
@@ -98,6 +100,15 @@ class FlowdiffCLI(LightningCLI):
             config = self.config.fit
             check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
 
+    def instantiate_classes(self) -> None:
+        # Constructors validate their arguments; a failure here is a bad config, said in one line.
+        try:
+            super().instantiate_classes()
+        except UsageError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"invalid configuration: {_innermost_reason(err)}") from err
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
@@ -106,7 +117,9 @@ class FlowdiffCLI(LightningCLI):
 
     def after_fit(self) -> None:
         root = self.trainer.default_root_dir
-        print(f"flowdiff: run directory {root} (checkpoints in {os.path.join(root, 'checkpoints')})")
+        print(
+            f"flowdiff: run directory {root} (checkpoints in {os.path.join(root, 'checkpoints')})"
+        )
         from flowdiff.wandb_mode import print_sync_hint
 
         print_sync_hint(self.trainer.logger)
@@ -125,6 +138,17 @@ def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
         )
     for name in ("checkpoints", "samples"):
         shutil.rmtree(run / name, ignore_errors=True)
+
+
+def _innermost_reason(err: BaseException) -> str:
+    """The reason jsonargparse nests under "Errors:" (one line per union member), else the text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [
+        line[2:]
+        for line in lines
+        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
 
 
 def _one_line(message: str) -> str:

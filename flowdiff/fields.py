@@ -46,7 +46,7 @@ class ModelField(Field):
         prediction: what the network outputs (``velocity``, ``score`` or ``noise``).
         y: labels (B,) to condition on, or None for an unconditional field.
         guidance: CFG scale ``w``; with labels, the null and conditional branches are evaluated in
-            one batched forward pass of size 2B and combined as ``(1 - w) out(x|null) + w out(x|y)``.
+            one batched forward pass of size 2B, combined as ``(1 - w) out(x|null) + w out(x|y)``.
             ``None`` (or 1 with labels) evaluates the conditional branch only.
         null_label: index of the null class (the network's ``num_classes``).
     """
@@ -135,8 +135,10 @@ class GaussianMixtureField(Field):
         w = torch.softmax(log_joint, dim=1)  # (B, K)
         shape = (*w.shape, *([1] * (x.ndim - 1)))
         score = -(w.reshape(shape) * diff / v.reshape(shape)).sum(1)
-        gain = (c.alpha_t[:, None] * c.d_alpha_t[:, None] * self.stds.to(x) ** 2
-                + (c.beta_t * c.d_beta_t)[:, None]) / v  # (B, K)
+        beta_d_beta = self.path.schedule.beta_d_beta(as_time(t, x))  # finite at t = 1
+        gain = (
+            c.alpha_t[:, None] * c.d_alpha_t[:, None] * self.stds.to(x) ** 2 + beta_d_beta[:, None]
+        ) / v  # (B, K)
         drift = expand_like(c.d_alpha_t, x).unsqueeze(1) * mu + gain.reshape(shape) * diff
         return (w.reshape(shape) * drift).sum(1), score
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from flowdiff.fields import ModelField
@@ -14,7 +15,7 @@ from flowdiff.metrics import mmd, wasserstein2
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.plots import plot_points, save_figure
-from flowdiff.samplers import SampleResult, Sampler
+from flowdiff.samplers import Sampler, SampleResult
 
 
 class FlowModule(L.LightningModule):
@@ -26,7 +27,9 @@ class FlowModule(L.LightningModule):
         objective: CFM or CSM; it says what the network predicts.
         sampler: how validation draws samples (and the default for ``flowdiff sample``).
         optimizer: optimizer factory (a class path in YAML); Adam by default.
-        lr_scheduler: optional learning-rate scheduler factory, stepped every optimizer step.
+        lr_schedule: ``constant``, or ``cosine``: decay the learning rate to 0 over the run's
+            optimizer steps (``trainer.max_steps``, or the epochs' batches), so the last steps
+            average the gradient noise out.
         data_shape: shape of one data point, e.g. ``[2]``; linked from the datamodule.
         num_classes: number of labels in the data (0: unlabelled); linked from the datamodule.
         log_every_n_steps: log the training loss every n steps (logging is not free on small nets).
@@ -40,7 +43,7 @@ class FlowModule(L.LightningModule):
         objective: Objective,
         sampler: Sampler,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         data_shape: list[int] | None = None,
         num_classes: int = 0,
         log_every_n_steps: int = 50,
@@ -51,7 +54,7 @@ class FlowModule(L.LightningModule):
         # checkpoint self-describing: `flowdiff sample` rebuilds the model from it alone.
         self.save_hyperparameters()
         self.net, self.path, self.objective, self.sampler = net, path, objective, sampler
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.optimizer, self.lr_schedule = optimizer, lr_schedule
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes
         self.log_every_n_steps, self.val_num_samples = log_every_n_steps, val_num_samples
@@ -150,7 +153,11 @@ class FlowModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
+        if self.lr_schedule == "constant":
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

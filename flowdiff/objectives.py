@@ -30,7 +30,7 @@ class Objective:
 
 
 class ConditionalFlowMatching(Objective):
-    """CFM: ``E || u_theta(x_t, t) - u_t(x_t|z) ||^2`` with ``u_t(x|z) = d_alpha_t z + d_beta_t eps``.
+    """CFM: ``E || u_theta(x_t, t) - u_t(x_t|z) ||^2``, ``u_t(x|z) = d_alpha_t z + d_beta_t eps``.
 
     Theorem 3 of the course notes: it differs from the marginal flow-matching loss by a constant.
     """
@@ -47,7 +47,7 @@ class ConditionalScoreMatching(Objective):
             ``eps_theta = -beta_t s_theta`` (DDPM's parameterisation), so its output stays O(1) for
             all t, and the score is recovered as ``-eps_theta / beta_t``. ``"none"`` uses
             ``lambda_t = 1``: the network predicts the score itself, whose target grows like
-            ``1 / beta_t`` near t = 1 and dominates the loss there; that is why it is not the default.
+            ``1 / beta_t`` near t = 1 and dominates the loss there: why it is not the default.
     """
 
     def __init__(self, weighting: Literal["beta2", "none"] = "beta2"):

@@ -41,9 +41,13 @@ class GaussianConditionalPath:
             ``-eps / beta_t`` (and ``d_beta_t`` of the ``sqrt`` schedule) is infinite at t = 1.
     """
 
-    def __init__(self, schedule: ScheduleName = "linear", t_min: float = 1e-3, t_max: float = 0.999):
+    def __init__(
+        self, schedule: ScheduleName = "linear", t_min: float = 1e-3, t_max: float = 0.999
+    ):
         if not 0.0 <= t_min < t_max <= 1.0:
-            raise UsageError(f"path needs 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+            raise UsageError(
+                f"path needs 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}"
+            )
         self.schedule_name = schedule
         self.schedule = get_schedule(schedule)
         self.t_min = t_min
@@ -148,5 +152,7 @@ class GaussianConditionalPath:
         if prediction == "noise":
             output = self.noise_to_score(output, x, t)
         elif prediction != "score":
-            raise UsageError(f"unknown prediction {prediction!r}; expected velocity, score or noise")
+            raise UsageError(
+                f"unknown prediction {prediction!r}; expected velocity, score or noise"
+            )
         return self.score_to_velocity(output, x, t), output

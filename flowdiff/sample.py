@@ -19,21 +19,44 @@ def build_parser() -> ArgumentParser:
         description="Draw samples from a checkpoint (no --config needed).",
         exit_on_error=False,
     )
-    parser.add_argument("--ckpt", type=str, required=True, help="Checkpoint written by flowdiff fit.")
+    parser.add_argument(
+        "--ckpt", type=str, required=True, help="Checkpoint written by flowdiff fit."
+    )
     parser.add_argument("--num-samples", type=PositiveInt, default=2000, help="Number of samples.")
-    parser.add_argument("--steps", type=PositiveInt | None, default=None,
-                        help="Integration steps (default: the training config's sampler).")
-    parser.add_argument("--sampler", type=str | None, default=None,
-                        help=f"One of {', '.join(sorted(SAMPLERS))} (default: the config's).")
-    parser.add_argument("--sigma", type=NonNegativeFloat, default=1.0,
-                        help="Diffusion scale of euler-maruyama.")
-    parser.add_argument("--sigma-schedule", type=str, default="beta",
-                        help="euler-maruyama: 'beta' (sigma_t = sigma beta_t) or 'constant'.")
+    parser.add_argument(
+        "--steps",
+        type=PositiveInt | None,
+        default=None,
+        help="Integration steps (default: the training config's sampler).",
+    )
+    parser.add_argument(
+        "--sampler",
+        type=str | None,
+        default=None,
+        help=f"One of {', '.join(sorted(SAMPLERS))} (default: the config's).",
+    )
+    parser.add_argument(
+        "--sigma", type=NonNegativeFloat, default=1.0, help="Diffusion scale of euler-maruyama."
+    )
+    parser.add_argument(
+        "--sigma-schedule",
+        type=str,
+        default="beta",
+        help="euler-maruyama: 'beta' (sigma_t = sigma beta_t) or 'constant'.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise.")
-    parser.add_argument("--out", type=str | None, default=None,
-                        help="Output directory (default: <run>/samples/<sampler>-<steps>-seed<seed>).")
-    parser.add_argument("--overwrite", type=bool, default=False,
-                        help="Replace the files of an existing output directory.")
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="Output directory (default: <run>/samples/<sampler>-<steps>-seed<seed>).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="Replace the files of an existing output directory.",
+    )
     parser.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
     return parser
 
@@ -53,8 +76,10 @@ def sample_main(argv: list[str]) -> Path:
         extra = {"sigma": cfg.sigma, "sigma_schedule": cfg.sigma_schedule}
     sampler = get_sampler(name, steps, **extra)
 
-    out = Path(cfg.out) if cfg.out else (
-        ckpt_path.resolve().parent.parent / "samples" / f"{name}-{steps}steps-seed{cfg.seed}"
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else (ckpt_path.resolve().parent.parent / "samples" / f"{name}-{steps}steps-seed{cfg.seed}")
     )
     files = {"samples": out / "samples.pt", "picture": out / "samples.png"}
     existing = [str(p) for p in files.values() if p.exists()]
@@ -72,8 +97,16 @@ def sample_main(argv: list[str]) -> Path:
     result = model.sample(cfg.num_samples, sampler, generator=generator, return_trajectory=True)
     seconds = time.perf_counter() - start
     samples = result.x.float().cpu()
-    torch.save({"samples": samples, "nfe": result.nfe, "sampler": repr(sampler),
-                "seed": cfg.seed, "checkpoint": str(ckpt_path)}, files["samples"])
+    torch.save(
+        {
+            "samples": samples,
+            "nfe": result.nfe,
+            "sampler": repr(sampler),
+            "seed": cfg.seed,
+            "checkpoint": str(ckpt_path),
+        },
+        files["samples"],
+    )
 
     from flowdiff.plots import plot_points, save_figure
 
@@ -81,7 +114,9 @@ def sample_main(argv: list[str]) -> Path:
     if run.datamodule is not None and hasattr(run.datamodule, "reference"):
         data, _ = run.datamodule.reference(cfg.num_samples, seed=12345)
     title = f"{sampler.name}, {steps} steps (NFE {result.nfe})"
-    save_figure(plot_points(samples, data, result.trajectory.float().cpu(), title=title), files["picture"])
+    save_figure(
+        plot_points(samples, data, result.trajectory.float().cpu(), title=title), files["picture"]
+    )
     print(f"flowdiff: {cfg.num_samples} samples in {seconds:.2f} s ({sampler!r}, NFE {result.nfe})")
     print(f"flowdiff: wrote {files['samples']} and {files['picture']}")
     return out

@@ -56,7 +56,9 @@ class Sampler:
         x, nfe = x_0, 0
         trajectory = [x_0] if return_trajectory else None
         for i in range(self.steps):
-            x, n = self.step(field, x, ts[i], ts[i + 1], last=i == self.steps - 1, generator=generator)
+            x, n = self.step(
+                field, x, ts[i], ts[i + 1], last=i == self.steps - 1, generator=generator
+            )
             nfe += n
             if trajectory is not None:
                 trajectory.append(x)
@@ -107,7 +109,7 @@ class EulerMaruyamaSampler(Sampler):
     Args:
         steps: number of steps.
         sigma: diffusion scale.
-        sigma_schedule: ``"beta"`` for ``sigma_t = sigma * beta_t`` (the course's choice; vanishes at
+        sigma_schedule: ``"beta"``: ``sigma_t = sigma * beta_t`` (the course's choice; vanishes at
             t = 1 where the score blows up) or ``"constant"`` for ``sigma_t = sigma``.
     """
 
@@ -123,7 +125,9 @@ class EulerMaruyamaSampler(Sampler):
         if sigma < 0 or not math.isfinite(sigma):
             raise UsageError(f"sigma must be a finite number >= 0, got {sigma}")
         if sigma_schedule not in ("beta", "constant"):
-            raise UsageError(f"unknown sigma_schedule {sigma_schedule!r}; expected 'beta' or 'constant'")
+            raise UsageError(
+                f"unknown sigma_schedule {sigma_schedule!r}; expected 'beta' or 'constant'"
+            )
         self.sigma, self.sigma_schedule = float(sigma), sigma_schedule
 
     def __repr__(self) -> str:

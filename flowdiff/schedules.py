@@ -32,6 +32,11 @@ class Schedule:
     def __call__(self, t: Tensor) -> ScheduleOutput:
         raise NotImplementedError
 
+    def beta_d_beta(self, t: Tensor) -> Tensor:
+        """``beta_t d_beta_t = 1/2 d(beta_t^2)/dt``, finite on all of [0, 1]."""
+        c = self(t)
+        return c.beta_t * c.d_beta_t
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -56,6 +61,9 @@ class SqrtBetaSchedule(Schedule):
     def __call__(self, t: Tensor) -> ScheduleOutput:
         beta_t = torch.sqrt(1 - t)
         return ScheduleOutput(t, beta_t, torch.ones_like(t), -0.5 / beta_t)
+
+    def beta_d_beta(self, t: Tensor) -> Tensor:
+        return torch.full_like(t, -0.5)  # the product of sqrt(1 - t) and -1 / (2 sqrt(1 - t))
 
 
 class CosineSchedule(Schedule):

@@ -103,7 +103,7 @@ def test_velocity_satisfies_continuity_equation(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_single_gaussian_velocity_is_derivative_of_exact_flow(name):
-    """One Gaussian: ``phi_t(x_0) = alpha_t mu + sqrt(alpha_t^2 s^2 + beta_t^2) x_0`` is the flow."""
+    """One Gaussian: the flow is ``phi_t(x0) = alpha_t mu + sqrt(alpha_t^2 s^2 + beta_t^2) x0``."""
     path = GaussianConditionalPath(name, t_min=0.0, t_max=1.0)
     mu, s = torch.tensor([[1.5, -0.5]], dtype=DTYPE), 0.6
     field = GaussianMixtureField(path, [1.0], mu, [s])
@@ -120,13 +120,35 @@ def test_single_gaussian_velocity_is_derivative_of_exact_flow(name):
     torch.testing.assert_close(field.velocity(phi(t), t), fd, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", NAMES)
+def test_single_gaussian_velocity_at_endpoints(name):
+    """At t = 0 and t = 1 the field is the one-sided derivative of the exact flow (finite there)."""
+    path = GaussianConditionalPath(name, t_min=0.0, t_max=1.0)
+    mu, s = torch.tensor([[1.5, -0.5]], dtype=DTYPE), 0.6
+    field = GaussianMixtureField(path, [1.0], mu, [s])
+    x0 = torch.randn(20, 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+
+    def phi(t):
+        c = path.schedule(torch.full((20,), t, dtype=DTYPE))
+        return c.alpha_t[:, None] * mu + torch.sqrt(c.alpha_t**2 * s**2 + c.beta_t**2)[:, None] * x0
+
+    h = 1e-5  # second-order one-sided differences, error O(h^2)
+    for t, sign in ((0.0, 1.0), (1.0, -1.0)):
+        fd = sign * (-3 * phi(t) + 4 * phi(t + sign * h) - phi(t + 2 * sign * h)) / (2 * h)
+        u = field.velocity(phi(t), torch.full((20,), t, dtype=DTYPE))
+        assert torch.isfinite(u).all(), f"{name}: velocity not finite at t = {t}"
+        torch.testing.assert_close(u, fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_field_finite_on_closed_interval(name):
+    """MATH.md: the mixture field is finite on all of [0, 1] when every s_k > 0."""
     field = mixture(name)
     x, _ = points((2,))
     for t in (0.0, 1.0):
         u, s = field.velocity_and_score(x, torch.full((x.shape[0],), t, dtype=DTYPE))
-        assert torch.isfinite(u).all() and torch.isfinite(s).all()
+        assert torch.isfinite(s).all(), f"{name}: score not finite at t = {t}"
+        assert torch.isfinite(u).all(), f"{name}: velocity not finite at t = {t}"
     # t = 0: p_0 = N(0, I), so the score is -x; on the linear path u_0(x) = E[z] - x.
     u0, s0 = field.velocity_and_score(x, torch.zeros(x.shape[0], dtype=DTYPE))
     torch.testing.assert_close(s0, -x)
@@ -139,7 +161,9 @@ def test_field_finite_on_closed_interval(name):
     comps = torch.stack(
         [
             math.log(w) + torch.distributions.Normal(m, sd).log_prob(x1).sum(1)
-            for w, m, sd in zip(field.weights.tolist(), field.means, field.stds.tolist(), strict=True)
+            for w, m, sd in zip(
+                field.weights.tolist(), field.means, field.stds.tolist(), strict=True
+            )
         ],
         1,
     )

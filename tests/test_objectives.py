@@ -122,7 +122,7 @@ def test_cfm_oracle_exact_field_attains_s_pi_over_2(mu, s):
 
 
 def test_cfm_oracle_is_a_minimum():
-    """Any perturbation of the exact field increases the CFM loss (Theorem 3: it is the minimiser)."""
+    """Perturbing the exact field increases the CFM loss (Theorem 3: it is the minimiser)."""
     path = GaussianConditionalPath("linear", t_min=0.0, t_max=1.0)
     mean = torch.tensor([[1.0, -2.0]], dtype=DTYPE)
     field = GaussianMixtureField(path, [1.0], mean, [0.7])

@@ -24,7 +24,12 @@ def closed_form(name: str, t: torch.Tensor):
         return t, torch.sqrt(1 - t), torch.ones_like(t), -0.5 / torch.sqrt(1 - t)
     if name == "cosine":
         a = 0.5 * math.pi * t
-        return torch.sin(a), torch.cos(a), 0.5 * math.pi * torch.cos(a), -0.5 * math.pi * torch.sin(a)
+        return (
+            torch.sin(a),
+            torch.cos(a),
+            0.5 * math.pi * torch.cos(a),
+            -0.5 * math.pi * torch.sin(a),
+        )
     raise AssertionError(name)
 
 
@@ -110,7 +115,9 @@ def test_conditional_vector_field_is_d_alpha_z_plus_d_beta_eps(name, shape):
     x = path.sample(z, t, eps).x_t
     _, _, d_alpha, d_beta = closed_form(name, t)
     expected = bcast(d_alpha, shape) * z + bcast(d_beta, shape) * eps
-    torch.testing.assert_close(path.conditional_vector_field(x, z, t), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        path.conditional_vector_field(x, z, t), expected, rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -146,7 +153,9 @@ def test_conditional_score_is_gradient_of_gaussian_log_density(name, shape):
     alpha, beta, _, _ = closed_form(name, t)
     log_p = -0.5 * ((x - bcast(alpha, shape) * z) / bcast(beta, shape)).square().sum()
     (grad,) = torch.autograd.grad(log_p, x)
-    torch.testing.assert_close(path.conditional_score(x.detach(), z, t), grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        path.conditional_score(x.detach(), z, t), grad, rtol=1e-10, atol=1e-10
+    )
 
 
 # -- regression targets ---------------------------------------------------------------------------
@@ -168,7 +177,10 @@ def test_targets(name, shape):
     torch.testing.assert_close(path.target(sample, "noise"), eps, rtol=0, atol=0)
     # The targets are the conditional quantities evaluated at the sampled point.
     torch.testing.assert_close(
-        path.target(sample, "velocity"), path.conditional_vector_field(x, z, t), rtol=1e-9, atol=1e-9
+        path.target(sample, "velocity"),
+        path.conditional_vector_field(x, z, t),
+        rtol=1e-9,
+        atol=1e-9,
     )
     torch.testing.assert_close(
         path.target(sample, "score"), path.conditional_score(x, z, t), rtol=1e-9, atol=1e-9
@@ -213,7 +225,7 @@ def test_velocity_score_round_trips(name, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", NAMES)
 def test_conversion_coefficients_match_math_md(name, shape):
-    """``u = a_t x + b_t s`` with ``a_t = d_alpha/alpha``, ``b_t = beta^2 d_alpha/alpha - d_beta beta``."""
+    """``u = a x + b s``, ``a = d_alpha / alpha``, ``b = beta^2 d_alpha / alpha - d_beta beta``."""
     path = GaussianConditionalPath(name)
     g = torch.Generator().manual_seed(8)
     x = torch.randn((16, *shape), generator=g, dtype=DTYPE)
@@ -222,7 +234,9 @@ def test_conversion_coefficients_match_math_md(name, shape):
     alpha, beta, d_alpha, d_beta = closed_form(name, t)
     a = bcast(d_alpha / alpha, shape)
     b = bcast(beta**2 * d_alpha / alpha - d_beta * beta, shape)
-    torch.testing.assert_close(path.score_to_velocity(s, x, t), a * x + b * s, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        path.score_to_velocity(s, x, t), a * x + b * s, rtol=1e-10, atol=1e-10
+    )
     torch.testing.assert_close(
         path.score_to_noise(s, x, t), -bcast(beta, shape) * s, rtol=1e-12, atol=1e-12
     )
@@ -245,7 +259,7 @@ def test_conversion_coefficients_match_math_md(name, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", NAMES)
 def test_conversions_on_conditional_quantities(name, shape):
-    """Conditional velocity, score, noise and denoiser are views of one another on [t_min, t_max]."""
+    """Conditional velocity, score, noise, denoiser: views of one another on [t_min, t_max]."""
     path = GaussianConditionalPath(name)
     z, eps, _ = draw(shape)
     t = torch.linspace(path.t_min, path.t_max, z.shape[0], dtype=DTYPE)

@@ -12,6 +12,7 @@ from flowdiff.utils import UsageError
 
 NAMES = sorted(SCHEDULES)
 
+
 # Closed forms of MATH.md's table, written independently of the library.
 CLOSED_FORMS = {
     "linear": (lambda t: t, lambda t: 1 - t),

@@ -20,7 +20,7 @@ class MLP(nn.Module):
         depth: number of hidden layers.
         time_embed_dim: size of the sinusoidal time embedding.
         num_classes: number of labels; 0 for an unconditional network. With labels, index
-            ``num_classes`` is the null label used for classifier-free guidance (and when y is None).
+            ``num_classes`` is the null label, for classifier-free guidance and when y is None.
     """
 
     def __init__(

@@ -1,0 +1,270 @@
+"""End-to-end CLI: fit a tiny run from each shipped toy config, sample from it, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = [
+    "--trainer.max_steps",
+    "30",
+    "--trainer.val_check_interval",
+    "15",
+    "--trainer.logger",
+    "false",
+    "--data.init_args.batches_per_epoch",
+    "30",
+    "--data.init_args.batch_size",
+    "64",
+    "--model.val_num_samples",
+    "200",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """One tiny training run per shipped toy config (shared by the tests below)."""
+    from flowdiff.cli import main
+
+    runs = {}
+    for name in ("toy", "toy_csm"):
+        root = tmp_path_factory.mktemp(name) / "run"
+        main(["fit", "--config", f"{name}.yaml", "--trainer.default_root_dir", str(root), *TINY])
+        runs[name] = root
+    return runs
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_csm"])
+def test_fit_writes_run_directory(toy_runs, name):
+    root = toy_runs[name]
+    assert (root / "config.yaml").is_file()
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+    # self-describing: the model's classes and the data's shape are in the checkpoint
+    hp = ckpt["hyper_parameters"]
+    assert hp["net"]["class_path"] == "flowdiff.nets.mlp.MLP"
+    assert list(hp["data_shape"]) == [2]
+    assert "current_model_state" in ckpt  # EMA weights in state_dict, raw ones kept for resuming
+    pictures = sorted((root / "samples").glob("val_step*.png"))
+    assert [p.name for p in pictures] == ["val_step0000015.png", "val_step0000030.png"]
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_csm"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "euler-maruyama"])
+def test_sample_from_checkpoint_alone(toy_runs, name, sampler, tmp_path, run_cli):
+    ckpt = toy_runs[name] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--num-samples",
+        300,
+        "--steps",
+        8,
+        "--sampler",
+        sampler,
+        "--seed",
+        3,
+        "--out",
+        out,
+    )
+    assert code == 0
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["samples"].shape == (300, 2)
+    assert torch.isfinite(saved["samples"]).all()
+    assert saved["nfe"] == {"euler": 8, "heun": 15, "euler-maruyama": 8}[sampler]
+    assert (out / "samples.png").stat().st_size > 10_000
+    assert str(out / "samples.png") in stdout
+    # same seed, same samples
+    code, _, _ = run_cli(
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--num-samples",
+        300,
+        "--steps",
+        8,
+        "--sampler",
+        sampler,
+        "--seed",
+        3,
+        "--out",
+        tmp_path / "again",
+    )
+    again = torch.load(tmp_path / "again" / "samples.pt", weights_only=True)["samples"]
+    if sampler != "euler-maruyama":
+        torch.testing.assert_close(again, saved["samples"])
+
+
+def test_sample_refuses_to_overwrite(toy_runs, tmp_path, run_cli):
+    ckpt = toy_runs["toy"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    assert (
+        run_cli("sample", "--ckpt", ckpt, "--num-samples", 50, "--steps", 2, "--out", out)[0] == 0
+    )
+    before = (out / "samples.pt").read_bytes()
+    code, _, err = run_cli(
+        "sample", "--ckpt", ckpt, "--num-samples", 60, "--steps", 2, "--out", out
+    )
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    assert (out / "samples.pt").read_bytes() == before
+    code, _, _ = run_cli(
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--num-samples",
+        60,
+        "--steps",
+        2,
+        "--out",
+        out,
+        "--overwrite",
+        "true",
+    )
+    assert code == 0
+    assert torch.load(out / "samples.pt", weights_only=True)["samples"].shape == (60, 2)
+
+
+def test_fit_refuses_existing_run_and_resumes(toy_runs, run_cli):
+    root = toy_runs["toy"]
+    ckpt = root / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    code, _, err = run_cli("fit", "--config", "toy.yaml", "--trainer.default_root_dir", root, *TINY)
+    assert code == 2 and "already holds a run" in err
+    assert ckpt.read_bytes() == before
+    # resume: the step count goes on from the checkpoint
+    code, _, _ = run_cli(
+        "fit",
+        "--config",
+        "toy.yaml",
+        "--trainer.default_root_dir",
+        root,
+        *TINY,
+        "--trainer.max_steps",
+        "40",
+        "--ckpt_path",
+        "last",
+    )
+    assert code == 0
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 40
+
+
+def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, foreign)
+    return {
+        "missing": tmp_path / "nope.ckpt",
+        "truncated": truncated,
+        "garbage": garbage,
+        "foreign": foreign,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("missing", "not found"),
+        ("truncated", "cannot read checkpoint"),
+        ("garbage", "cannot read checkpoint"),
+        ("foreign", "not a self-describing flowdiff checkpoint"),
+    ],
+)
+def test_bad_checkpoint(toy_runs, tmp_path, run_cli, kind, message):
+    ckpt = _bad_checkpoints(tmp_path, toy_runs["toy"] / "checkpoints" / "last.ckpt")[kind]
+    code, _, err = run_cli("sample", "--ckpt", ckpt, "--out", tmp_path / "out")
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--num-samples", "0"], "num_samples"),
+        (["--num-samples", "-5"], "num_samples"),
+        (["--steps", "0"], "steps"),
+        (["--sampler", "rk4"], "unknown sampler 'rk4'"),
+        (["--sigma", "-1"], "sigma"),
+        (["--sampler", "euler-maruyama", "--sigma-schedule", "cubic"], "unknown sigma_schedule"),
+    ],
+)
+def test_sample_bad_options(toy_runs, tmp_path, run_cli, args, message):
+    ckpt = toy_runs["toy"] / "checkpoints" / "last.ckpt"
+    code, _, err = run_cli("sample", "--ckpt", ckpt, "--out", tmp_path / "out", *args)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model.bogus", "1"], "bogus"),
+        (["--trainer.max_steps", "many"], "max_steps"),
+        (["--model.path.schedule", "quadratic"], "quadratic"),
+        (["--data.init_args.dataset", "spiral9"], "unknown dataset 'spiral9'"),
+        (["--model.sampler.init_args.steps", "0"], "steps must be a positive integer"),
+        (["--data.init_args.batch_size", "0"], "batch_size must be a positive integer"),
+        (["--model.sampler.class_path", "flowdiff.samplers.RK45"], "RK45"),
+    ],
+)
+def test_fit_bad_config(tmp_path, run_cli, args, message):
+    root = tmp_path / "run"
+    code, _, err = run_cli(
+        "fit",
+        "--config",
+        "toy.yaml",
+        "--trainer.default_root_dir",
+        root,
+        "--trainer.logger",
+        "false",
+        *args,
+    )
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not root.exists()
+
+
+def test_bad_config_file(tmp_path, run_cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  unknown_key: 3\n")
+    code, _, err = run_cli("fit", "--config", bad, "--trainer.logger", "false")
+    assert code == 2 and "unknown_key" in err
+    code, _, err = run_cli("fit", "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "not found" in err and "toy.yaml" in err
+
+
+def test_shipped_config_by_bare_name_from_any_directory(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli("fit", "--config", "toy.yaml", "--print_config")
+    assert code == 0 and "flowdiff.nets.mlp.MLP" in out
+
+
+def test_help_lists_every_subcommand():
+    result = subprocess.run(
+        [sys.executable, "-m", "flowdiff.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for sub in ("fit", "validate", "test", "predict", "sample"):
+        assert sub in result.stdout
+
+
+def test_console_script_bad_input_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flowdiff.cli", "sample", "--ckpt", str(tmp_path / "none.ckpt")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"flowdiff: error: checkpoint '{tmp_path / 'none.ckpt'}' not found"
+    ]
