@@ -85,6 +85,7 @@ class FlowdiffCLI(LightningCLI):
             "checkpoint.dirpath",
             compute_fn=lambda root: os.path.join(root, "checkpoints"),
         )
+        parser.link_arguments("trainer.log_every_n_steps", "model.log_every_n_steps")
         parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 

@@ -28,6 +28,7 @@ class PathSample:
     z: Tensor
     eps: Tensor
     t: Tensor
+    coefficients: ScheduleOutput | None = None  # alpha_t, beta_t, ... at t, broadcast against z
 
 
 class GaussianConditionalPath:
@@ -75,7 +76,7 @@ class GaussianConditionalPath:
         if eps is None:
             eps = torch.randn_like(z)
         c = self.coefficients(t, z)
-        return PathSample(x_t=c.alpha_t * z + c.beta_t * eps, z=z, eps=eps, t=t)
+        return PathSample(x_t=c.alpha_t * z + c.beta_t * eps, z=z, eps=eps, t=t, coefficients=c)
 
     def conditional_vector_field(self, x: Tensor, z: Tensor, t: Tensor) -> Tensor:
         """``u_t(x|z) = (d_alpha_t - d_beta_t / beta_t * alpha_t) z + d_beta_t / beta_t * x``.
@@ -98,7 +99,7 @@ class GaussianConditionalPath:
         """
         if prediction == "noise":
             return sample.eps
-        c = self.coefficients(sample.t, sample.z)
+        c = sample.coefficients or self.coefficients(sample.t, sample.z)
         if prediction == "velocity":
             return c.d_alpha_t * sample.z + c.d_beta_t * sample.eps
         if prediction == "score":

@@ -47,6 +47,8 @@ def test_fit_writes_run_directory(toy_runs, name):
     assert hp["net"]["class_path"] == "flowdiff.nets.mlp.MLP"
     assert list(hp["data_shape"]) == [2]
     assert "current_model_state" in ckpt  # EMA weights in state_dict, raw ones kept for resuming
+    # the cosine schedule has decayed the learning rate to 0 at max_steps
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
     pictures = sorted((root / "samples").glob("val_step*.png"))
     assert [p.name for p in pictures] == ["val_step0000015.png", "val_step0000030.png"]
 

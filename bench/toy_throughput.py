@@ -1,0 +1,154 @@
+"""Training throughput of `flowdiff fit` on the toy config against a bare PyTorch loop.
+
+Both run in fresh processes, alternating, with the same network, batch size, optimizer and data
+generator. flowdiff runs the shipped config as a user would (W&B offline logging, EMA, the
+learning-rate schedule, validation with sampling, W2/MMD and a picture, checkpoints); the bare loop
+draws a batch and takes an optimizer step, nothing else. Steps/s are timed from step 100 to the
+end of training. Run by hand:
+
+    python bench/toy_throughput.py [--repeats 3] [--steps N] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WARMUP = 100
+
+
+def load_config(name: str) -> dict:
+    from flowdiff.cli import resolve_config
+
+    return yaml.safe_load(Path(resolve_config(name)).read_text())
+
+
+def bare_loop(config: dict, steps: int) -> dict:
+    """The loop a user would write by hand: draw a batch, CFM loss, optimizer step."""
+    import torch
+
+    from flowdiff.data.toy import DATASETS
+    from flowdiff.nets.mlp import MLP
+
+    model_cfg, data_cfg = config["model"], config["data"]["init_args"]
+    net = MLP(**model_cfg["net"].get("init_args", {}))
+    opt_cfg = model_cfg["optimizer"]
+    opt_cls = getattr(torch.optim, opt_cfg["class_path"].rsplit(".", 1)[-1])
+    optimizer = opt_cls(net.parameters(), **opt_cfg.get("init_args", {}))
+    sample = partial(DATASETS[data_cfg["dataset"]], data_cfg["batch_size"])
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    start = None
+    for step in range(steps):
+        if step == WARMUP:
+            start = time.perf_counter()
+        z, _ = sample(generator)
+        t = torch.rand(z.shape[0])
+        eps = torch.randn_like(z)
+        x_t = t[:, None] * z + (1 - t[:, None]) * eps
+        loss = (net(x_t, t) - (z - eps)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"steps": steps - WARMUP, "seconds": time.perf_counter() - start}
+
+
+def run_flowdiff(config_name: str, steps: int | None, workdir: Path) -> dict:
+    out = workdir / "timing.json"
+    run_dir = workdir / f"run-{time.time_ns()}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowdiff.cli",
+        "fit",
+        "--config",
+        config_name,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.callbacks+=_timer.StepTimer",
+    ]
+    if steps is not None:
+        cmd += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2)]
+    env = {
+        **os.environ,
+        "FLOWDIFF_BENCH_OUT": str(out),
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.setdefault("WANDB_MODE", "offline")
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def run_bare(config_name: str, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--config", config_name, "--bare", str(steps)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="toy.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps a run (default: the config's max_steps)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    if args.bare is not None:
+        print(json.dumps(bare_loop(config, args.bare)))
+        return
+    steps = args.steps or config["trainer"]["max_steps"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            fd = run_flowdiff(args.config, args.steps, Path(tmp))
+            bare = run_bare(args.config, steps)
+            row = {
+                "repeat": i,
+                "flowdiff_steps_per_s": fd["steps"] / fd["seconds"],
+                "bare_steps_per_s": bare["steps"] / bare["seconds"],
+            }
+            row["ratio"] = row["flowdiff_steps_per_s"] / row["bare_steps_per_s"]
+            rows.append(row)
+            print(
+                f"repeat {i}: flowdiff {row['flowdiff_steps_per_s']:7.1f} steps/s   "
+                f"bare {row['bare_steps_per_s']:7.1f} steps/s   ratio {row['ratio']:.3f}",
+                flush=True,
+            )
+    summary = {
+        "config": args.config,
+        "steps_per_run": steps,
+        "flowdiff_steps_per_s_median": statistics.median(r["flowdiff_steps_per_s"] for r in rows),
+        "bare_steps_per_s_median": statistics.median(r["bare_steps_per_s"] for r in rows),
+        "ratio_median": statistics.median(r["ratio"] for r in rows),
+        "runs": rows,
+    }
+    print(
+        f"\n{'':10}{'steps/s (median)':>18}\n{'flowdiff':10}"
+        f"{summary['flowdiff_steps_per_s_median']:18.1f}\n{'bare loop':10}"
+        f"{summary['bare_steps_per_s_median']:18.1f}\nratio (median of pairs): "
+        f"{summary['ratio_median']:.3f}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

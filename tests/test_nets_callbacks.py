@@ -1,0 +1,52 @@
+"""The MLP's contract and the EMA callback's decay."""
+
+import pytest
+import torch
+
+from flowdiff.callbacks import EMA, ema_decay
+from flowdiff.nets.mlp import MLP
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_mlp_shapes_and_labels(num_classes):
+    net = MLP(dim=2, hidden=32, depth=2, time_embed_dim=16, num_classes=num_classes)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    out = net(x, t)
+    assert out.shape == x.shape
+    if num_classes:
+        y = torch.tensor([0, 1, 2, 3, 0])  # 3 is the null label
+        out_y = net(x, t, y)
+        assert out_y.shape == x.shape
+        # y=None means the null label
+        torch.testing.assert_close(net(x, t, torch.full((5,), 3)), out)
+        assert not torch.allclose(out_y[:3], out[:3])
+
+
+def test_ema_decay_warms_up():
+    assert ema_decay(0.999, 10, 0) == pytest.approx(0.1)
+    assert ema_decay(0.999, 10, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, 10, 100_000) == 0.999
+    # the weight left on the first iterate after 1,100 updates: fixed decay vs warm-up
+    fixed = 0.999**1100
+    warm = torch.tensor([ema_decay(0.999, 10, n) for n in range(1, 1101)]).prod().item()
+    assert fixed > 0.3 and warm < 1e-6
+
+
+def test_ema_update_is_lerp_with_warm_decay():
+    ema = EMA(decay=0.9, warmup=10)
+    fn = ema._kwargs["multi_avg_fn"]
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    fn(avg, cur, torch.tensor(5))
+    d = min(0.9, 6 / 15)
+    torch.testing.assert_close(avg[0], torch.full((3,), 1 - d))
+    every10 = EMA(update_every_n_steps=10)
+    assert [i for i in range(30) if every10.should_update(step_idx=i)] == [9, 19, 29]
+    assert not every10.should_update(epoch_idx=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"decay": 1.0}, {"decay": -0.1}, {"update_every_n_steps": 0}])
+def test_ema_bad_arguments(kwargs):
+    from flowdiff.utils import UsageError
+
+    with pytest.raises(UsageError):
+        EMA(**kwargs)
