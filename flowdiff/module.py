@@ -17,7 +17,6 @@ from flowdiff.paths import GaussianConditionalPath
 from flowdiff.plots import plot_points, save_figure
 from flowdiff.samplers import Sampler, SampleResult
 
-
 # The learning-rate schedule is stepped every 10 optimizer steps: a scheduler step costs ~3% of a
 # small model's step, and a rate constant over 10 steps changes nothing.
 LR_UPDATE_EVERY = 10

@@ -92,7 +92,7 @@ def test_datamodule_batches_and_reference():
     for x, y in batches:
         assert x.shape == (64, 2) and y.shape == (64,)
     again = list(ToyDataModule("8gaussians", 64, 5, 300, seed=3).train_dataloader())
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     ((xv, yv),) = list(dm.val_dataloader())
     assert xv.shape == (300, 2)
     assert torch.equal(xv, next(iter(dm.val_dataloader()))[0])  # fixed validation set
