@@ -54,6 +54,15 @@ def wandb_logger(save_dir: str):
     return WandbLogger(save_dir=save_dir, project="flowdiff", name=Path(save_dir).name)
 
 
+class SaveFitConfig(SaveConfigCallback):
+    """Write the resolved config into the run directory when training, and only then (a later
+    `flowdiff validate` or `test` on the same run must not replace the training config)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class FlowdiffCLI(LightningCLI):
     """LightningCLI with flowdiff's run-directory, checkpoint, EMA and W&B conventions."""
 
@@ -63,7 +72,7 @@ class FlowdiffCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
-        kwargs.setdefault("save_config_callback", SaveConfigCallback)
+        kwargs.setdefault("save_config_callback", SaveFitConfig)
         kwargs.setdefault(
             "trainer_defaults",
             {"default_root_dir": "runs/default", "enable_progress_bar": sys.stderr.isatty()},

@@ -154,6 +154,28 @@ def test_fit_refuses_existing_run_and_resumes(toy_runs, run_cli):
     assert torch.load(ckpt, weights_only=True)["global_step"] == 40
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_subcommands(toy_runs, run_cli, subcommand):
+    root = toy_runs["toy"]
+    config_before = (root / "config.yaml").read_text()
+    code, out, _ = run_cli(
+        subcommand,
+        "--config",
+        "toy.yaml",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        root,
+        "--model.val_num_samples",
+        "200",
+        "--ckpt_path",
+        root / "checkpoints" / "last.ckpt",
+    )
+    assert code == 0
+    assert f"{'val' if subcommand == 'validate' else 'test'}/w2" in out
+    assert (root / "config.yaml").read_text() == config_before
+
+
 def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:5000])
@@ -170,36 +192,27 @@ def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(
-    "kind,message",
+    "ckpt_kind,args,message",
     [
-        ("missing", "not found"),
-        ("truncated", "cannot read checkpoint"),
-        ("garbage", "cannot read checkpoint"),
-        ("foreign", "not a self-describing flowdiff checkpoint"),
+        ("missing", [], "not found"),
+        ("truncated", [], "cannot read checkpoint"),
+        ("garbage", [], "cannot read checkpoint"),
+        ("foreign", [], "not a self-describing flowdiff checkpoint"),
+        ("good", ["--num-samples", "0"], "num_samples"),
+        ("good", ["--num-samples", "-5"], "num_samples"),
+        ("good", ["--steps", "0"], "steps"),
+        ("good", ["--sampler", "rk4"], "unknown sampler 'rk4'"),
+        ("good", ["--sigma", "-1"], "sigma"),
+        (
+            "good",
+            ["--sampler", "euler-maruyama", "--sigma-schedule", "cubic"],
+            "unknown sigma_schedule",
+        ),
     ],
 )
-def test_bad_checkpoint(toy_runs, tmp_path, run_cli, kind, message):
-    ckpt = _bad_checkpoints(tmp_path, toy_runs["toy"] / "checkpoints" / "last.ckpt")[kind]
-    code, _, err = run_cli("sample", "--ckpt", ckpt, "--out", tmp_path / "out")
-    assert code == 2
-    assert message in err
-    assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--num-samples", "0"], "num_samples"),
-        (["--num-samples", "-5"], "num_samples"),
-        (["--steps", "0"], "steps"),
-        (["--sampler", "rk4"], "unknown sampler 'rk4'"),
-        (["--sigma", "-1"], "sigma"),
-        (["--sampler", "euler-maruyama", "--sigma-schedule", "cubic"], "unknown sigma_schedule"),
-    ],
-)
-def test_sample_bad_options(toy_runs, tmp_path, run_cli, args, message):
-    ckpt = toy_runs["toy"] / "checkpoints" / "last.ckpt"
+def test_sample_bad_input(toy_runs, tmp_path, run_cli, ckpt_kind, args, message):
+    good = toy_runs["toy"] / "checkpoints" / "last.ckpt"
+    ckpt = good if ckpt_kind == "good" else _bad_checkpoints(tmp_path, good)[ckpt_kind]
     code, _, err = run_cli("sample", "--ckpt", ckpt, "--out", tmp_path / "out", *args)
     assert code == 2
     assert message in err
