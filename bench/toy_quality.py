@@ -25,8 +25,14 @@ import torch
 
 N = 5000
 SEEDS = range(5)
-USUAL_RECIPE = ["--trainer.max_steps", "5000", "--model.lr_schedule", "constant",
-                "--ema.decay", "0.0"]  # decay 0: the "average" is the current weights
+USUAL_RECIPE = [
+    "--trainer.max_steps",
+    "5000",
+    "--model.lr_schedule",
+    "constant",
+    "--ema.decay",
+    "0.0",
+]  # decay 0: the "average" is the current weights
 
 
 def evaluate(ckpt: Path) -> dict:
@@ -44,8 +50,12 @@ def evaluate(ckpt: Path) -> dict:
         w2s.append(wasserstein2(samples, data))
         floors.append(wasserstein2(other, data))
     w2, floor = sum(w2s) / len(w2s), sum(floors) / len(floors)
-    return {"w2": w2, "floor": floor, "ratio": w2 / floor,
-            "ratio_per_seed": [a / b for a, b in zip(w2s, floors, strict=True)]}
+    return {
+        "w2": w2,
+        "floor": floor,
+        "ratio": w2 / floor,
+        "ratio_per_seed": [a / b for a, b in zip(w2s, floors, strict=True)],
+    }
 
 
 def main() -> None:
@@ -61,17 +71,34 @@ def main() -> None:
                 root = Path(tmp) / f"{name}-{len(extra)}"
                 start = time.perf_counter()
                 subprocess.run(
-                    [sys.executable, "-m", "flowdiff.cli", "fit", "--config", args.config,
-                     "--data.init_args.dataset", name, "--trainer.default_root_dir", str(root),
-                     "--trainer.logger", "false", *extra],
-                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    [
+                        sys.executable,
+                        "-m",
+                        "flowdiff.cli",
+                        "fit",
+                        "--config",
+                        args.config,
+                        "--data.init_args.dataset",
+                        name,
+                        "--trainer.default_root_dir",
+                        str(root),
+                        "--trainer.logger",
+                        "false",
+                        *extra,
+                    ],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                 )
                 seconds = time.perf_counter() - start
                 r = {**evaluate(root / "checkpoints" / "last.ckpt"), "fit_seconds": seconds}
                 results[f"{name}/{recipe}"] = r
-                print(f"{name:13} {recipe:13} W2 {r['w2']:.4f}  floor {r['floor']:.4f}  "
-                      f"ratio {r['ratio']:.2f}  (per seed {min(r['ratio_per_seed']):.2f}-"
-                      f"{max(r['ratio_per_seed']):.2f}; fit {seconds:.0f} s)", flush=True)
+                print(
+                    f"{name:13} {recipe:13} W2 {r['w2']:.4f}  floor {r['floor']:.4f}  "
+                    f"ratio {r['ratio']:.2f}  (per seed {min(r['ratio_per_seed']):.2f}-"
+                    f"{max(r['ratio_per_seed']):.2f}; fit {seconds:.0f} s)",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -165,8 +166,19 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
 
+# Lightning warnings that say nothing to a flowdiff user: the toy stream defines __len__ for the
+# progress bar and uses no workers; the pytree deprecation is Lightning's own.
+QUIET = [
+    r".*`IterableDataset` has `__len__` defined",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*skip_none parameter was deprecated",
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowdiff`` console script."""
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

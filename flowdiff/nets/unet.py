@@ -1,0 +1,298 @@
+"""A time- and label-conditioned U-Net for images, with an optional label embedding (null class).
+
+Layout for ``channels=(32, 64, 128)`` on a 28x28 image (the course's MNIST U-Net)::
+
+    input conv 3x3 -> 32 @ 28x28
+    encoder   level 0: ResBlock(32) x n  ─────────────────────────── skip ──┐
+              down: conv 3x3 stride 2 -> 64 @ 14x14                          │
+              level 1: ResBlock(64) x n  ───────────────── skip ──┐          │
+              down: conv 3x3 stride 2 -> 128 @ 7x7                │          │
+    midcoder  level 2: ResBlock(128) x n                          │          │
+    decoder   up: conv 3x3 -> 64, nearest x2 -> 14x14, + skip  <──┘          │
+              level 1: ResBlock(64) x n                                      │
+              up: conv 3x3 -> 32, nearest x2 -> 28x28, + skip  <─────────────┘
+              level 0: ResBlock(32) x n
+    output    norm, SiLU, conv 3x3 -> in_channels
+
+Skips are added, not concatenated, and the up-sampling conv runs at the coarse resolution: every
+3x3 convolution then costs about the same (channels double as pixels quarter), and the network
+stays cheap per image. Strided down-sampling rounds up (``ceil(H / 2)``) and up-sampling resizes to
+the skip's exact size, so any H, W work, odd ones included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+
+NORMS = ("group", "batch")
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    return nn.GroupNorm(groups, channels) if kind == "group" else nn.BatchNorm2d(channels)
+
+
+class ResBlock(nn.Module):
+    """``h + conv(SiLU(norm(conv(SiLU(norm(h))) + W emb)))``: a pre-activation residual block.
+
+    The embedding enters as a per-channel shift after the first convolution.
+
+    Args:
+        channels: channels C in and out.
+        embed_dim: size E of the (time + label) embedding.
+        norm: ``"group"`` or ``"batch"``.
+        norm_groups: groups of GroupNorm.
+        dropout: dropout probability before the second convolution.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, norm: str, norm_groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = _norm(norm, channels, norm_groups)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.embed_proj = nn.Linear(embed_dim, channels)
+        self.norm2 = _norm(norm, channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        """h: (B, C, H, W); emb: (B, E), already through SiLU. Returns (B, C, H, W)."""
+        r = self.conv1(F.silu(self.norm1(h)))
+        r = r + self.embed_proj(emb)[:, :, None, None]
+        r = self.conv2(self.dropout(F.silu(self.norm2(r))))
+        return h + r
+
+
+class SelfAttention(nn.Module):
+    """``h + W_o MultiHeadAttention(norm(h))`` over the H*W positions of a feature map.
+
+    Args:
+        channels: channels C, split into ``num_heads`` heads.
+        num_heads: attention heads.
+        norm: ``"group"`` or ``"batch"``.
+        norm_groups: groups of GroupNorm.
+    """
+
+    def __init__(self, channels: int, num_heads: int, norm: str, norm_groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(norm, channels, norm_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, C, H, W). Returns (B, C, H, W)."""
+        height = h.shape[-2]
+        tokens = rearrange(self.norm(h), "b c h w -> b (h w) c")
+        q, k, v = rearrange(
+            self.qkv(tokens),
+            "b n (three heads d) -> three b heads n d",
+            three=3,
+            heads=self.num_heads,
+        )
+        a = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
+        return h + rearrange(self.out(a), "b (h w) c -> b c h w", h=height)
+
+
+class Stage(nn.Module):
+    """``num_res_blocks`` residual blocks at one resolution, then optional self-attention."""
+
+    def __init__(
+        self,
+        channels: int,
+        embed_dim: int,
+        num_res_blocks: int,
+        attention: bool,
+        num_heads: int,
+        norm: str,
+        norm_groups: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResBlock(channels, embed_dim, norm, norm_groups, dropout) for _ in range(num_res_blocks)
+        )
+        self.attention = (
+            SelfAttention(channels, num_heads, norm, norm_groups) if attention else None
+        )
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        """h: (B, C, H, W); emb: (B, E). Returns (B, C, H, W)."""
+        for block in self.blocks:
+            h = block(h, emb)
+        return h if self.attention is None else self.attention(h)
+
+
+class UNet(nn.Module):
+    """``forward(x, t, y=None) -> (B, C, H, W)`` for images ``x`` (B, C, H, W).
+
+    A sinusoidal time embedding plus a label embedding (null class for CFG) is injected into every
+    residual block. ``channels[i]`` is the width at level ``i``; the resolution halves between
+    levels: levels ``0 .. L-2`` form the encoder and the decoder (joined by additive skips) and
+    level ``L-1`` the midcoder (see the module docstring). Any H, W work.
+
+    With ``zero_init`` the second convolution of every residual block, the output projection of
+    every attention block and the output convolution start at zero: each block starts as the
+    identity and the network's output starts at 0.
+
+    Args:
+        in_channels: image channels C.
+        channels: width of each resolution level, finest first.
+        num_res_blocks: residual blocks per stage (encoder level, midcoder, decoder level).
+        time_embed_dim: size of the time (and label) embedding.
+        num_classes: number of labels; 0 for an unconditional network. With labels, index
+            ``num_classes`` is the null label, for classifier-free guidance and when y is None.
+        attention_levels: indices of the levels whose stages end with a self-attention block.
+        num_heads: heads of each self-attention block.
+        norm: ``"group"`` (GroupNorm) or ``"batch"`` (BatchNorm, as in the course notebooks).
+        norm_groups: groups of GroupNorm; must divide every entry of ``channels``.
+        dropout: dropout probability inside the residual blocks.
+        zero_init: start the residual branches and the output at zero.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128),
+        num_res_blocks: int = 2,
+        time_embed_dim: int = 128,
+        num_classes: int = 10,
+        attention_levels: Sequence[int] = (),
+        num_heads: int = 4,
+        norm: Literal["group", "batch"] = "group",
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+        zero_init: bool = True,
+    ):
+        super().__init__()
+        channels, attention_levels = list(channels), sorted(set(attention_levels))
+        _check_config(
+            in_channels,
+            channels,
+            num_res_blocks,
+            time_embed_dim,
+            num_classes,
+            attention_levels,
+            num_heads,
+            norm,
+            norm_groups,
+            dropout,
+        )
+        self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
+        levels = len(channels)
+
+        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
+
+        def stage(level: int) -> Stage:
+            return Stage(
+                channels[level],
+                time_embed_dim,
+                num_res_blocks,
+                level in attention_levels,
+                num_heads,
+                norm,
+                norm_groups,
+                dropout,
+            )
+
+        self.input = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.encoder = nn.ModuleList(stage(i) for i in range(levels - 1))
+        self.down = nn.ModuleList(
+            nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1)
+            for i in range(levels - 1)
+        )
+        self.midcoder = stage(levels - 1)
+        # Decoder modules are stored coarsest first, in the order they run.
+        self.up = nn.ModuleList(
+            nn.Conv2d(channels[i + 1], channels[i], 3, padding=1)
+            for i in reversed(range(levels - 1))
+        )
+        self.decoder = nn.ModuleList(stage(i) for i in reversed(range(levels - 1)))
+        self.output = nn.Sequential(
+            _norm(norm, channels[0], norm_groups),
+            nn.SiLU(),
+            nn.Conv2d(channels[0], in_channels, 3, padding=1),
+        )
+        if zero_init:
+            for module in self.modules():
+                if isinstance(module, ResBlock):
+                    nn.init.zeros_(module.conv2.weight)
+                    nn.init.zeros_(module.conv2.bias)
+                elif isinstance(module, SelfAttention):
+                    nn.init.zeros_(module.out.weight)
+                    nn.init.zeros_(module.out.bias)
+            nn.init.zeros_(self.output[-1].weight)
+            nn.init.zeros_(self.output[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes] or None (null).
+
+        Returns (B, C, H, W).
+        """
+        emb = self.time_embed(t)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y, x.shape[0])
+        # Every block's projection starts with a SiLU: apply it once here.
+        emb = F.silu(emb)
+
+        h = self.input(x)
+        skips = []
+        for stage, down in zip(self.encoder, self.down, strict=True):
+            h = stage(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.midcoder(h, emb)
+        for up, stage in zip(self.up, self.decoder, strict=True):
+            skip = skips.pop()
+            h = F.interpolate(up(h), size=skip.shape[-2:], mode="nearest") + skip
+            h = stage(h, emb)
+        return self.output(h)
+
+
+def _check_config(
+    in_channels: int,
+    channels: list[int],
+    num_res_blocks: int,
+    time_embed_dim: int,
+    num_classes: int,
+    attention_levels: list[int],
+    num_heads: int,
+    norm: str,
+    norm_groups: int,
+    dropout: float,
+) -> None:
+    """Raise ValueError naming the first bad UNet argument."""
+    if not channels or any(c < 1 for c in channels):
+        raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if num_res_blocks < 1:
+        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+    if time_embed_dim < 2 or time_embed_dim % 2:
+        raise ValueError(f"time_embed_dim must be a positive even int, got {time_embed_dim}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {list(NORMS)}")
+    if norm == "group" and (norm_groups < 1 or any(c % norm_groups for c in channels)):
+        raise ValueError(
+            f"norm_groups={norm_groups} must divide every entry of channels {channels}"
+        )
+    bad = [i for i in attention_levels if not 0 <= i < len(channels)]
+    if bad:
+        raise ValueError(
+            f"attention_levels {bad} out of range; expected indices in [0, {len(channels) - 1}]"
+        )
+    if num_heads < 1 or any(channels[i] % num_heads for i in attention_levels):
+        raise ValueError(
+            f"num_heads={num_heads} must divide the channels of every attention level "
+            f"{[channels[i] for i in attention_levels]}"
+        )
