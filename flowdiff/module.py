@@ -16,6 +16,7 @@ from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.plots import plot_points, save_figure
 from flowdiff.samplers import Sampler, SampleResult
+from flowdiff.utils import UsageError
 
 # The learning-rate schedule is stepped every 10 optimizer steps: a scheduler step costs ~3% of a
 # small model's step, and a rate constant over 10 steps changes nothing.
@@ -60,6 +61,12 @@ class FlowModule(L.LightningModule):
         # Under the CLI this stores the parsed config (class paths and arguments), which makes the
         # checkpoint self-describing: `flowdiff sample` rebuilds the model from it alone.
         self.save_hyperparameters()
+        classes = getattr(net, "num_classes", 0)
+        if classes and num_classes and classes != num_classes:
+            raise UsageError(
+                f"the network has {classes} classes but the data has {num_classes}; set "
+                f"model.net.init_args.num_classes to {num_classes} (or 0 for no labels)"
+            )
         self.net, self.path, self.objective, self.sampler = net, path, objective, sampler
         self.optimizer, self.lr_schedule = optimizer, lr_schedule
         self.data_shape = list(data_shape) if data_shape is not None else None

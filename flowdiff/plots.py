@@ -45,3 +45,51 @@ def plot_points(
 def save_figure(fig: Figure, path) -> None:
     fig.savefig(path)
     plt.close(fig)
+
+
+def image_grid(images: Tensor, nrow: int) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> one (C, H', W') grid in [0, 1], ``nrow`` images a row."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().cpu().clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return (grid + 1) / 2
+
+
+def plot_image_grids(grids: dict[str, Tensor], title: str = "") -> Figure:
+    """Grids side by side, one panel each, titled by their keys (e.g. ``w = 3``)."""
+    n = len(grids)
+    first = next(iter(grids.values()))
+    height, width = first.shape[-2:]
+    scale = 6.0 / max(height, width)
+    fig, axes = plt.subplots(
+        1, n, figsize=(n * width * scale + 0.2, height * scale + 0.6), dpi=120, squeeze=False
+    )
+    for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
+        image = grid.permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_labelled_points(
+    panels: dict[str, tuple[Tensor, Tensor]], data: Tensor | None = None, title: str = ""
+) -> Figure:
+    """2D samples coloured by the label they were drawn for, one panel per guidance scale."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.7), dpi=100, squeeze=False)
+    for ax, (name, (points, labels)) in zip(axes[0], panels.items(), strict=True):
+        if data is not None:
+            ax.scatter(data[:, 0], data[:, 1], s=2, c="lightgrey", rasterized=True)
+        p = points.float().cpu()
+        ax.scatter(
+            p[:, 0], p[:, 1], s=2, c=labels.cpu(), cmap="tab10", vmin=0, vmax=9, rasterized=True
+        )
+        ax.set(title=name, aspect="equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

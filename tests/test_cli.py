@@ -29,9 +29,31 @@ def toy_runs(tmp_path_factory):
     from flowdiff.cli import main
 
     runs = {}
-    for name in ("toy", "toy_csm"):
+    conditional = [
+        "--model.net.init_args.num_classes",
+        "8",
+        "--data.init_args.p_uncond",
+        "0.2",
+        "--data.init_args.dataset",
+        "8gaussians",
+    ]
+    for name, config, extra in (
+        ("toy", "toy", []),
+        ("toy_csm", "toy_csm", []),
+        ("toy_cfg", "toy", conditional),
+    ):
         root = tmp_path_factory.mktemp(name) / "run"
-        main(["fit", "--config", f"{name}.yaml", "--trainer.default_root_dir", str(root), *TINY])
+        main(
+            [
+                "fit",
+                "--config",
+                f"{config}.yaml",
+                "--trainer.default_root_dir",
+                str(root),
+                *TINY,
+                *extra,
+            ]
+        )
         runs[name] = root
     return runs
 
@@ -99,6 +121,68 @@ def test_sample_from_checkpoint_alone(toy_runs, name, sampler, tmp_path, run_cli
     again = torch.load(tmp_path / "again" / "samples.pt", weights_only=True)["samples"]
     if sampler != "euler-maruyama":
         torch.testing.assert_close(again, saved["samples"])
+
+
+def test_guided_sampling_of_a_conditional_model(toy_runs, tmp_path, run_cli):
+    ckpt = toy_runs["toy_cfg"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--guidance",
+        "0,1,3",
+        "--labels",
+        "2,5",
+        "--per-class",
+        40,
+        "--steps",
+        5,
+        "--out",
+        out,
+    )
+    assert code == 0, stdout
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["samples"].shape == (3, 80, 2)
+    assert saved["labels"].tolist() == [2] * 40 + [5] * 40
+    assert saved["guidance"] == [0.0, 1.0, 3.0]
+    assert saved["nfe"] == 5  # CFG doubles the batch, not the NFE
+    # the same initial noise for every scale: w = 1 differs from w = 0 and w = 3 only by guidance
+    assert not torch.allclose(saved["samples"][0], saved["samples"][1])
+    assert (out / "samples.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "run,args,message",
+    [
+        ("toy", ["--guidance", "3"], "trained without labels"),
+        ("toy", ["--labels", "0"], "trained without labels"),
+        ("toy_cfg", ["--guidance", "-1"], "guidance scales must be >= 0"),
+        ("toy_cfg", ["--guidance", "1,x"], "comma-separated numbers"),
+        ("toy_cfg", ["--labels", "0,8"], "outside the model's classes 0..7"),
+    ],
+)
+def test_guidance_bad_input(toy_runs, tmp_path, run_cli, run, args, message):
+    ckpt = toy_runs[run] / "checkpoints" / "last.ckpt"
+    code, _, err = run_cli("sample", "--ckpt", ckpt, "--out", tmp_path / "out", *args)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_network_and_data_classes_must_agree(tmp_path, run_cli):
+    code, _, err = run_cli(
+        "fit",
+        "--config",
+        "toy.yaml",
+        "--trainer.default_root_dir",
+        tmp_path / "run",
+        *TINY,
+        "--model.net.init_args.num_classes",
+        "3",
+    )
+    assert code == 2 and "the network has 3 classes but the data has 2" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sample_refuses_to_overwrite(toy_runs, tmp_path, run_cli):
