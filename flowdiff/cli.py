@@ -68,6 +68,9 @@ class FlowdiffCLI(LightningCLI):
     """LightningCLI with flowdiff's run-directory, checkpoint, EMA and W&B conventions."""
 
     def __init__(self, *args, **kwargs):
+        # `--config toy.yaml` also names the shipped configs, from any directory.
+        argv = kwargs.get("args")
+        kwargs["args"] = resolve_config_args(sys.argv[1:] if argv is None else list(argv))
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # guarded by check_run_dir
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("datamodule_class", L.LightningDataModule)
@@ -122,6 +125,8 @@ class FlowdiffCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            kwargs["precision"] = default_precision(config.trainer.accelerator)
         if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
             kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
         return super().instantiate_trainer(**kwargs)
@@ -134,6 +139,16 @@ class FlowdiffCLI(LightningCLI):
         from flowdiff.wandb_mode import print_sync_hint
 
         print_sync_hint(self.trainer.logger)
+
+
+def default_precision(accelerator) -> str:
+    """The precision used when the config sets none: ``bf16-mixed`` on a CUDA GPU with bf16,
+    ``16-mixed`` on other CUDA GPUs, ``32-true`` on a CPU (and anything else)."""
+    import torch
+
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
@@ -172,6 +187,7 @@ QUIET = [
     r".*`IterableDataset` has `__len__` defined",
     r".*isinstance\(treespec, LeafSpec\)",
     r".*skip_none parameter was deprecated",
+    r"LightningCLI's args parameter is intended",  # main() passes sys.argv on, resolved
 ]
 
 
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
             sample_main(argv[1:])
         else:
-            FlowdiffCLI(args=resolve_config_args(argv))
+            FlowdiffCLI(args=argv)
     except (UsageError, ArgumentError) as err:
         if debug:
             raise

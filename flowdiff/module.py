@@ -14,7 +14,7 @@ from flowdiff.fields import ModelField
 from flowdiff.metrics import mmd, wasserstein2
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
-from flowdiff.plots import plot_points, save_figure
+from flowdiff.plots import image_grid, plot_image_grids, plot_points, save_figure
 from flowdiff.samplers import Sampler, SampleResult
 from flowdiff.utils import UsageError
 
@@ -40,7 +40,10 @@ class FlowModule(L.LightningModule):
         gradient_clip_val: clip the gradients' global norm to this value (None: no clipping).
             The step is written out, so use this rather than ``trainer.gradient_clip_val``.
         log_every_n_steps: log the training loss every n steps (logging is not free on small nets).
-        val_num_samples: samples drawn at each validation for metrics and pictures.
+        val_num_samples: samples drawn at each validation for metrics and pictures (points), or
+            unconditional images in the validation grid.
+        val_guidance: guidance scales of the validation grids of a conditional image model.
+        val_per_class: images a class in those grids (one row per class).
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class FlowModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         log_every_n_steps: int = 50,
         val_num_samples: int = 2000,
+        val_guidance: list[float] = [1.0, 3.0],  # noqa: B006 (jsonargparse needs the list)
+        val_per_class: int = 4,
     ):
         super().__init__()
         # Under the CLI this stores the parsed config (class paths and arguments), which makes the
@@ -76,6 +81,10 @@ class FlowModule(L.LightningModule):
         # a step, 3-4% of a small model's step on a CPU.
         self.automatic_optimization = False
         self.log_every_n_steps, self.val_num_samples = log_every_n_steps, val_num_samples
+        self.val_guidance, self.val_per_class = list(val_guidance), val_per_class
+        if self.data_shape is not None and len(self.data_shape) == 3:
+            # Convolutions on a CPU run ~20% faster on NHWC than on NCHW tensors.
+            self.net.to(memory_format=torch.channels_last)
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets `_current_fx_name` around every hook, ~30 times a step; nn.Module's
@@ -94,8 +103,10 @@ class FlowModule(L.LightningModule):
         return self.net(x, t, y)
 
     def loss(self, z: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if z.ndim == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
         t = self.path.sample_time(z.shape[0], z.device, z.dtype, generator)
-        eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        eps = torch.empty_like(z).normal_(generator=generator)  # keeps z's memory format
         sample = self.path.sample(z, t, eps)
         output = self.net(sample.x_t, t, y if self.conditional else None)
         return self.objective(output, sample, self.path).mean()
@@ -150,6 +161,8 @@ class FlowModule(L.LightningModule):
         sampler = sampler or self.sampler
         x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
         x_0 = x_0.to(self.device, self.dtype)
+        if x_0.ndim == 4:
+            x_0 = x_0.contiguous(memory_format=torch.channels_last)
         field = self.field(y, guidance)
         return sampler.sample(
             field, x_0, self.path.t_min, 1.0, return_trajectory=return_trajectory, generator=None
@@ -164,10 +177,13 @@ class FlowModule(L.LightningModule):
         self._evaluate_samples("test")
 
     def _evaluate_samples(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.trainer.sanity_checking or not hasattr(datamodule, "reference"):
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        if not self.trainer.is_global_zero or self.data_shape != [2]:
+        if len(self.data_shape) == 3:
+            self._image_grids(stage)
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "reference"):
             return
         generator = torch.Generator().manual_seed(1)
         result = self.sample(self.val_num_samples, generator=generator, return_trajectory=True)
@@ -176,14 +192,36 @@ class FlowModule(L.LightningModule):
         metrics = {f"{stage}/w2": wasserstein2(samples, data), f"{stage}/mmd": mmd(samples, data)}
         self.log_dict(metrics, rank_zero_only=True)
         title = f"step {self.global_step}  W2 {metrics[f'{stage}/w2']:.3f}"
-        fig = plot_points(samples, data, result.trajectory.float(), title=title)
+        self._save_picture(
+            plot_points(samples, data, result.trajectory.float(), title=title), stage, "samples"
+        )
+
+    def _image_grids(self, stage: str) -> None:
+        """A grid per guidance scale: one row per class (or unconditional samples)."""
+        if self.conditional:
+            classes = self.net.num_classes
+            y = torch.arange(classes, device=self.device).repeat_interleave(self.val_per_class)
+            scales: list[float | None] = list(self.val_guidance)
+            per_row = self.val_per_class
+        else:
+            y, scales, per_row = None, [None], 8
+        n = len(y) if y is not None else self.val_num_samples
+        grids = {}
+        for w in scales:
+            generator = torch.Generator().manual_seed(1)
+            x = self.sample(n, y=y, guidance=w, generator=generator).x
+            grids["" if w is None else f"w = {w:g}"] = image_grid(x, nrow=per_row)
+        title = f"step {self.global_step}"
+        self._save_picture(plot_image_grids(grids, title=title), stage, "samples")
+
+    def _save_picture(self, fig, stage: str, key: str) -> None:
         out_dir = Path(self.trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         png = out_dir / f"{stage}_step{self.global_step:07d}.png"
         save_figure(fig, png)
         log_image = getattr(self.logger, "log_image", None)
         if callable(log_image):
-            log_image(key=f"{stage}/samples", images=[str(png)], step=self.global_step)
+            log_image(key=f"{stage}/{key}", images=[str(png)], step=self.global_step)
 
     # -- optimisation ---------------------------------------------------------------------------
 

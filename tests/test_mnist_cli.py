@@ -1,0 +1,125 @@
+"""CLI smoke runs of the MNIST configs with a tiny U-Net on fake data, then guided sampling."""
+
+import pytest
+import torch
+from test_mnist_data import write_fake_mnist
+
+TINY_UNET = [
+    "--model.net.init_args.channels", "[8, 16]",
+    "--model.net.init_args.num_res_blocks", "1",
+    "--model.net.init_args.norm_groups", "4",
+    "--model.sampler.init_args.steps", "2",
+    "--model.val_per_class", "1",
+    "--data.init_args.batch_size", "8",
+    "--data.init_args.val_size", "10",
+    "--data.init_args.download", "false",
+    "--trainer.logger", "false",
+    "--trainer.limit_val_batches", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("mnist")
+    write_fake_mnist(data_dir)
+    return data_dir
+
+
+@pytest.mark.parametrize("config", ["mnist.yaml", "mnist_csm.yaml"])
+def test_fast_dev_run(fake_mnist, run_cli, config, tmp_path):
+    code, _, err = run_cli(
+        "fit",
+        "--config",
+        config,
+        "--trainer.fast_dev_run",
+        "true",
+        "--data.init_args.data_dir",
+        fake_mnist,
+        "--trainer.default_root_dir",
+        tmp_path / "run",
+        *TINY_UNET,
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("config", ["mnist.yaml", "mnist_csm.yaml"])
+def test_fit_then_guided_sample(fake_mnist, run_cli, config, tmp_path):
+    root = tmp_path / "run"
+    code, _, err = run_cli(
+        "fit",
+        "--config",
+        config,
+        "--data.init_args.data_dir",
+        fake_mnist,
+        "--trainer.default_root_dir",
+        root,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        *TINY_UNET,
+    )
+    assert code == 0, err
+    assert (root / "samples" / "val_step0000004.png").is_file()  # a grid per guidance scale
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert list(ckpt["hyper_parameters"]["data_shape"]) == [1, 28, 28]
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "sample",
+        "--ckpt",
+        root / "checkpoints" / "last.ckpt",
+        "--guidance",
+        "1,3",
+        "--per-class",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["samples"].shape == (2, 20, 1, 28, 28)
+    assert saved["labels"].tolist() == [k for k in range(10) for _ in range(2)]
+    assert torch.isfinite(saved["samples"]).all()
+    assert (out / "samples.png").stat().st_size > 5_000
+    code, _, err = run_cli(
+        "sample",
+        "--ckpt",
+        root / "checkpoints" / "last.ckpt",
+        "--labels",
+        "3,10",
+        "--out",
+        tmp_path / "bad",
+    )
+    assert code == 2 and "outside the model's classes 0..9" in err
+
+
+def test_precision_default_resolves_by_device():
+    from flowdiff.cli import default_precision
+
+    assert default_precision("cpu") == "32-true"
+    expected = "32-true"
+    if torch.cuda.is_available():
+        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    assert default_precision("auto") == expected
+
+
+@pytest.mark.parametrize("given,expected", [(None, "32-true"), ("bf16-mixed", "bf16-mixed")])
+def test_precision_of_the_trainer(tmp_path, given, expected):
+    from flowdiff.cli import FlowdiffCLI
+
+    args = [
+        "--config",
+        "mnist.yaml",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    if given:
+        args += ["--trainer.precision", given]
+    cli = FlowdiffCLI(args=args, run=False)
+    if given is None and torch.cuda.is_available():
+        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    assert cli.trainer.precision == expected
