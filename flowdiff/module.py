@@ -156,17 +156,39 @@ class FlowModule(L.LightningModule):
         guidance: float | None = None,
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
+        batch_size: int | None = None,
     ) -> SampleResult:
-        """Integrate from ``x_0 ~ N(0, I)`` at ``t_min`` to t = 1 with ``sampler``."""
+        """Integrate from ``x_0 ~ N(0, I)`` at ``t_min`` to t = 1 with ``sampler``.
+
+        ``batch_size`` splits the work into chunks (the noise is drawn at once, so the samples do
+        not depend on it): a CPU runs a small U-Net ~2x faster on batches of ~250 images than on
+        batches of 2,000, whose activations no longer fit in its caches.
+        """
         sampler = sampler or self.sampler
         x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
         x_0 = x_0.to(self.device, self.dtype)
         if x_0.ndim == 4:
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
-        field = self.field(y, guidance)
-        return sampler.sample(
-            field, x_0, self.path.t_min, 1.0, return_trajectory=return_trajectory, generator=None
-        )
+        size = batch_size or num_samples
+        results = []
+        for start in range(0, num_samples, size):
+            y_chunk = y[start : start + size] if y is not None else None
+            field = self.field(y_chunk, guidance)
+            results.append(
+                sampler.sample(
+                    field,
+                    x_0[start : start + size],
+                    self.path.t_min,
+                    1.0,
+                    return_trajectory=return_trajectory,
+                )
+            )
+        if len(results) == 1:
+            return results[0]
+        trajectory = None
+        if return_trajectory:
+            trajectory = torch.cat([r.trajectory for r in results], dim=1)
+        return SampleResult(torch.cat([r.x for r in results]), trajectory, results[0].nfe)
 
     # -- validation pictures and metrics --------------------------------------------------------
 
@@ -209,7 +231,7 @@ class FlowModule(L.LightningModule):
         grids = {}
         for w in scales:
             generator = torch.Generator().manual_seed(1)
-            x = self.sample(n, y=y, guidance=w, generator=generator).x
+            x = self.sample(n, y=y, guidance=w, generator=generator, batch_size=128).x
             grids["" if w is None else f"w = {w:g}"] = image_grid(x, nrow=per_row)
         title = f"step {self.global_step}"
         self._save_picture(plot_image_grids(grids, title=title), stage, "samples")

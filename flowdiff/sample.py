@@ -68,6 +68,12 @@ def build_parser() -> ArgumentParser:
     )
     add("--overwrite", type=bool, default=False, help="Replace the files of an existing output.")
     add("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
+    add(
+        "--batch-size",
+        type=PositiveInt | None,
+        default=None,
+        help="Samples integrated at once (default: 128 images, or all points).",
+    )
     return parser
 
 
