@@ -11,7 +11,8 @@ class StepTimer(L.Callback):
     """Wall time from the start of step ``warmup`` to the end of training (validation,
     checkpointing and logging included); writes ``{"steps", "seconds"}`` to $FLOWDIFF_BENCH_OUT."""
 
-    def __init__(self, warmup: int = 100):
+    def __init__(self, warmup: int | None = None):
+        warmup = warmup if warmup is not None else int(os.environ.get("FLOWDIFF_BENCH_WARMUP", 100))
         self.warmup, self.start, self.first = warmup, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -133,7 +133,8 @@ def main() -> None:
             print(
                 f"repeat {i}: flowdiff {row['flowdiff']:6.1f} steps/s   "
                 + "   ".join(
-                    f"bare ({v} Adam) {row[f'bare_{v}']:6.1f} steps/s, ratio {row[f'ratio_{v}']:.3f}"
+                    f"bare ({v} Adam) {row[f'bare_{v}']:6.1f} steps/s, "
+                    f"ratio {row[f'ratio_{v}']:.3f}"
                     for v in VARIANTS
                 ),
                 flush=True,

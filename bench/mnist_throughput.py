@@ -1,0 +1,229 @@
+"""MNIST throughput: training images/s of `flowdiff fit` against a bare loop, the U-Net's FLOPs and
+the share of the CPU's fp32 matmul peak that training reaches, and guided sampling with one
+batched forward against two separate forwards. Run by hand (about 5 minutes on 2 CPU cores):
+
+    python bench/mnist_throughput.py [--steps 40] [--repeats 3] [--json results.json]
+
+Needs MNIST in ./data (`make data`). All figures come from this one run:
+
+- peak: the best of several 2048x2048 fp32 matmuls (2 n^3 FLOP each), with torch's threads;
+- U-Net FLOP per image, forward and forward + backward, from torch's FLOP counter;
+- flowdiff: `flowdiff fit --config mnist.yaml` in a fresh process, images/s timed from step 5 to
+  the last step (no validation falls in that window; its cost at the shipped interval is
+  reported separately);
+- bare loop: the same U-Net (channels_last), batch, fused Adam and CFM loss with label dropout,
+  batches drawn from the same in-memory images, in a fresh process;
+- sampling: 50 guided Euler steps for 128 images, the null and conditional branches in one
+  forward of 2B against two forwards of B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+WARMUP = 5
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def build_net(config: dict):
+    from flowdiff.nets.unet import UNet
+
+    return UNet(**config["model"]["net"]["init_args"]).to(memory_format=torch.channels_last)
+
+
+def unet_gflop(config: dict) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_net(config)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    t, y = torch.rand(8), torch.randint(0, 10, (8,))
+    with FlopCounterMode(display=False) as forward:
+        net(x, t, y)
+    with FlopCounterMode(display=False) as train:
+        net(x, t, y).square().mean().backward()
+    return forward.get_total_flops() / 8e9, train.get_total_flops() / 8e9
+
+
+def bare_loop(config: dict, steps: int) -> dict:
+    """A hand-written training loop: same U-Net, batch, optimizer, loss and label dropout."""
+    from flowdiff.data.mnist import find_or_prepare_mnist, load_split, pixels_to_float
+
+    data_cfg = config["data"]["init_args"]
+    images, labels = load_split(find_or_prepare_mnist(data_cfg["data_dir"], False), train=True)
+    net = build_net(config)
+    opt_args = config["model"]["optimizer"]["init_args"]
+    optimizer = torch.optim.Adam(net.parameters(), **opt_args)
+    batch, p_uncond = data_cfg["batch_size"], data_cfg["p_uncond"]
+    generator = torch.Generator().manual_seed(0)
+    start = None
+    for step in range(steps):
+        if step == WARMUP:
+            start = time.perf_counter()
+        idx = torch.randint(0, len(images), (batch,), generator=generator)
+        z = pixels_to_float(images[idx]).contiguous(memory_format=torch.channels_last)
+        y = torch.where(torch.rand(batch) < p_uncond, 10, labels[idx])
+        t = torch.rand(batch)
+        eps = torch.randn_like(z)
+        x_t = t[:, None, None, None] * z + (1 - t[:, None, None, None]) * eps
+        loss = (net(x_t, t, y) - (z - eps)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    return {"images": (steps - WARMUP) * batch, "seconds": seconds}
+
+
+def run_flowdiff(steps: int, workdir: Path) -> dict:
+    out = workdir / "timing.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowdiff.cli",
+        "fit",
+        "--config",
+        "mnist.yaml",
+        "--trainer.default_root_dir",
+        str(workdir / f"run-{time.time_ns()}"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.callbacks+=_timer.StepTimer",
+        "--trainer.callbacks.init_args.warmup",
+        str(WARMUP),
+    ]
+    env = {
+        **os.environ,
+        "FLOWDIFF_BENCH_OUT": str(out),
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.setdefault("WANDB_MODE", "offline")
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    timing = json.loads(out.read_text())
+    return {"images": timing["steps"] * 250, "seconds": timing["seconds"]}
+
+
+def sampling(config: dict, n: int = 128, steps: int = 50) -> dict:
+    """Images/s of guided Euler sampling: one forward of 2B against two forwards of B."""
+    from flowdiff.fields import ModelField, guide
+    from flowdiff.paths import GaussianConditionalPath
+    from flowdiff.samplers import EulerSampler
+
+    net = build_net(config).eval()
+    path = GaussianConditionalPath()
+    y = torch.arange(n) % 10
+
+    class TwoForwards(ModelField):
+        def output(self, x, t):
+            t = t.expand(x.shape[0]) if t.ndim == 0 else t
+            null = torch.full_like(self.y, self.null_label)
+            return guide(self.net(x, t, null), self.net(x, t, self.y), self.guidance)
+
+    out = {}
+    for name, cls in (("batched", ModelField), ("two_forwards", TwoForwards)):
+        field = cls(net, path, "velocity", y=y, guidance=3.0, null_label=10)
+        x_0 = torch.randn(n, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+        EulerSampler(2).sample(field, x_0)
+        start = time.perf_counter()
+        EulerSampler(steps).sample(field, x_0)
+        out[name] = n / (time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from flowdiff.cli import resolve_config
+
+    config = yaml.safe_load(Path(resolve_config("mnist.yaml")).read_text())
+    if args.bare is not None:
+        print(json.dumps(bare_loop(config, args.bare)))
+        return
+    peak = matmul_peak()
+    forward_gflop, train_gflop = unet_gflop(config)
+    print(
+        f"fp32 matmul peak: {peak:.0f} GFLOP/s; U-Net: {forward_gflop:.3f} GFLOP/image "
+        f"forward, {train_gflop:.3f} forward + backward",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            fd = run_flowdiff(args.steps, Path(tmp))
+            bare = json.loads(
+                subprocess.run(
+                    [sys.executable, __file__, "--bare", str(args.steps)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            row = {
+                "flowdiff": fd["images"] / fd["seconds"],
+                "bare": bare["images"] / bare["seconds"],
+            }
+            row["ratio"] = row["flowdiff"] / row["bare"]
+            rows.append(row)
+            print(
+                f"repeat {i}: flowdiff {row['flowdiff']:.1f} images/s, bare loop "
+                f"{row['bare']:.1f} images/s, ratio {row['ratio']:.3f}",
+                flush=True,
+            )
+    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    share = median["flowdiff"] * train_gflop / peak
+    samp = sampling(config)
+    summary = {
+        "peak_gflops": peak,
+        "unet_gflop_forward": forward_gflop,
+        "unet_gflop_train": train_gflop,
+        "median": median,
+        "runs": rows,
+        "flowdiff_peak_fraction": share,
+        "bare_peak_fraction": median["bare"] * train_gflop / peak,
+        "sampling_images_per_s": samp,
+        "sampling_1000_images_50_steps_s": 1000 / samp["batched"],
+    }
+    print(
+        f"\ntraining images/s (median of {args.repeats}): flowdiff {median['flowdiff']:.1f}, "
+        f"bare loop {median['bare']:.1f}, ratio {median['ratio']:.3f}"
+    )
+    print(
+        f"training reaches {100 * share:.0f}% of the fp32 matmul peak "
+        f"(bare loop {100 * summary['bare_peak_fraction']:.0f}%)"
+    )
+    print(
+        f"guided sampling, 50 Euler steps: {samp['batched']:.1f} images/s batched (2B), "
+        f"{samp['two_forwards']:.1f} with two forwards; 1,000 images in "
+        f"{summary['sampling_1000_images_50_steps_s']:.0f} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
