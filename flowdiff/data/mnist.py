@@ -1,0 +1,192 @@
+"""MNIST for image flow matching: the datamodule.
+
+Pixels are mapped from uint8 ``v`` to ``x = v / 255 * 2 - 1`` in [-1, 1] (background -1). Where the
+files come from is :mod:`flowdiff.data.mnist_files`.
+
+``python -m flowdiff.data.mnist --data-dir data`` prepares the data (``make data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from flowdiff.data.labels import LabelDropout
+from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
+from flowdiff.utils import UsageError
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pixels_to_float(images: Tensor) -> Tensor:
+    """uint8 pixels ``v`` to float32 ``v / 255 * 2 - 1`` in [-1, 1]."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class _Batches(IterableDataset):
+    """Whole batches sliced from uint8 images kept in memory, converted to float when produced.
+
+    With a generator, each pass follows a fresh random permutation drawn from it; without one, the
+    order is fixed. The last batch of a pass may be smaller.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = None if self.generator is None else torch.randperm(n, generator=self.generator)
+        for start in range(0, n, self.batch_size):
+            stop = start + self.batch_size
+            if order is None:
+                x, y = self.images[start:stop], self.labels[start:stop]
+            else:
+                rows = order[start:stop]
+                x, y = self.images.index_select(0, rows), self.labels.index_select(0, rows)
+            yield pixels_to_float(x), y
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST batches ``(x, y)``: x (B, 1, 28, 28) float32 in [-1, 1] (or 32x32), y (B,) long.
+
+    Training and validation split the official 60k training images (seeded); test is the official
+    10k test set. Each split is held in memory as one uint8 tensor and batches are slices of it.
+
+    Args:
+        data_dir: where MNIST lives in torchvision's layout (``<data_dir>/MNIST/raw``) or is put.
+        batch_size: batch size of all loaders.
+        val_size: number of training images held out for validation.
+        pad_to_32: pad the images to 32x32 with the background value -1 (U-Nets halving 3 times).
+        p_uncond: label dropout probability for classifier-free guidance (training batches only).
+        seed: seed of the train/validation split and of the training order.
+        download: let torchvision download MNIST when it is not found otherwise.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 250,
+        val_size: int = 5000,
+        pad_to_32: bool = False,
+        p_uncond: float = 0.1,
+        seed: int = 0,
+        download: bool = True,
+    ):
+        super().__init__()
+        _check_arguments(data_dir, batch_size, val_size, p_uncond, seed)
+        self.save_hyperparameters()
+        self.label_dropout = LabelDropout(p_uncond, 10)
+        self.num_classes = 10
+        self.data_shape = (1, 32, 32) if pad_to_32 else (1, 28, 28)
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.train_indices: Tensor | None = None
+        self.val_indices: Tensor | None = None
+
+    def prepare_data(self) -> None:
+        find_or_prepare_mnist(self.hparams.data_dir, self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load all splits into memory (once): uint8 images (N, *data_shape) and long labels."""
+        if self.splits:
+            return
+        raw = find_or_prepare_mnist(self.hparams.data_dir, self.hparams.download)
+        images, labels = load_split(raw, train=True)
+        if not self.hparams.val_size < len(labels):
+            raise UsageError(
+                f"data.val_size must be smaller than the {len(labels)} training images, "
+                f"got {self.hparams.val_size}"
+            )
+        perm = torch.randperm(len(labels), generator=_seeded(self.hparams.seed))
+        self.val_indices = perm[: self.hparams.val_size].sort().values
+        self.train_indices = perm[self.hparams.val_size :].sort().values
+        test_images, test_labels = load_split(raw, train=False)
+        images, test_images = self._shape(images), self._shape(test_images)
+        self.splits = {
+            "train": (images[self.train_indices], labels[self.train_indices]),
+            "val": (images[self.val_indices], labels[self.val_indices]),
+            "test": (test_images, test_labels),
+        }
+
+    def _shape(self, images: Tensor) -> Tensor:
+        """(N, 28, 28) uint8 to (N, *data_shape), padded with 0 (-1 once scaled)."""
+        images = images.unsqueeze(1)
+        return F.pad(images, (2, 2, 2, 2), value=0) if self.hparams.pad_to_32 else images
+
+    def _loader(self, split: str, generator: torch.Generator | None = None) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        images, labels = self.splits[split]
+        batches = _Batches(images, labels, self.hparams.batch_size, generator)
+        return DataLoader(batches, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        return self._loader("train", _seeded(self.hparams.seed + 7919 * epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            x, y = batch
+            return x, self.label_dropout(y)
+        return batch
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _check_arguments(data_dir: str, batch_size: int, val_size: int, p_uncond: float, seed: int):
+    """Raise UsageError naming the first bad argument of MNISTDataModule."""
+    if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
+        raise UsageError(f"data.data_dir must be a non-empty path, got {data_dir!r}")
+    for name, value in (("batch_size", batch_size), ("val_size", val_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"data.{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"data.seed must be an integer >= 0, got {seed!r}")
+    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)):
+        raise UsageError(f"data.p_uncond must be a number in [0, 1], got {p_uncond!r}")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise UsageError(f"data.p_uncond must be in [0, 1], got {p_uncond}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flowdiff.data.mnist --data-dir DIR``: prepare MNIST and print where it is."""
+    parser = argparse.ArgumentParser(description="Find or prepare MNIST in torchvision's layout.")
+    parser.add_argument("--data-dir", default="data", help="root folder (default: data)")
+    parser.add_argument("--no-download", action="store_true", help="never download")
+    args = parser.parse_args(argv)
+    try:
+        raw = find_or_prepare_mnist(args.data_dir, download=not args.no_download)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"MNIST ready in {raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
