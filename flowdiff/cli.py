@@ -131,6 +131,11 @@ class FlowdiffCLI(LightningCLI):
             kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        config = self.config.fit
+        if config.overwrite and config.ckpt_path is None:
+            clear_run_dir(config.trainer.default_root_dir)
+
     def after_fit(self) -> None:
         root = self.trainer.default_root_dir
         print(
@@ -162,8 +167,13 @@ def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
             f"run directory {run} already holds a run; resume it with --ckpt_path last, choose "
             f"another with --trainer.default_root_dir DIR, or pass --overwrite true to replace it"
         )
+
+
+def clear_run_dir(root: str) -> None:
+    """With --overwrite: remove the earlier run's checkpoints and samples (after the config has
+    been checked and every class built, so a bad config loses nothing)."""
     for name in ("checkpoints", "samples"):
-        shutil.rmtree(run / name, ignore_errors=True)
+        shutil.rmtree(Path(root) / name, ignore_errors=True)
 
 
 def _innermost_reason(err: BaseException) -> str:

@@ -260,6 +260,29 @@ def test_validate_and_test_subcommands(toy_runs, run_cli, subcommand):
     assert (root / "config.yaml").read_text() == config_before
 
 
+def test_fit_overwrite_replaces_the_run(tmp_path, run_cli):
+    root = tmp_path / "run"
+    assert run_cli("fit", "--config", "toy.yaml", "--trainer.default_root_dir", root, *TINY)[0] == 0
+    code, _, err = run_cli(
+        "fit",
+        "--config",
+        "toy.yaml",
+        "--trainer.default_root_dir",
+        root,
+        *TINY,
+        "--trainer.max_steps",
+        "20",
+        "--trainer.val_check_interval",
+        "20",
+        "--overwrite",
+        "true",
+    )
+    assert code == 0, err
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20
+    assert [p.name for p in (root / "samples").glob("*.png")] == ["val_step0000020.png"]
+
+
 def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:5000])
