@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -157,12 +158,14 @@ class FlowModule(L.LightningModule):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         batch_size: int | None = None,
+        progress: bool = False,
     ) -> SampleResult:
         """Integrate from ``x_0 ~ N(0, I)`` at ``t_min`` to t = 1 with ``sampler``.
 
         ``batch_size`` splits the work into chunks (the noise is drawn at once, so the samples do
         not depend on it): a CPU runs a small U-Net ~2x faster on batches of ~250 images than on
-        batches of 2,000, whose activations no longer fit in its caches.
+        batches of 2,000, whose activations no longer fit in its caches. ``progress`` shows a
+        progress bar over the chunks when stderr is a terminal.
         """
         sampler = sampler or self.sampler
         x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
@@ -171,7 +174,12 @@ class FlowModule(L.LightningModule):
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
         size = batch_size or num_samples
         results = []
-        for start in range(0, num_samples, size):
+        starts = range(0, num_samples, size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="sampling", unit="batch", disable=not sys.stderr.isatty())
+        for start in starts:
             y_chunk = y[start : start + size] if y is not None else None
             field = self.field(y_chunk, guidance)
             results.append(
