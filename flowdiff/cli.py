@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from flowdiff.callbacks import EMA
 from flowdiff.module import FlowModule
-from flowdiff.utils import UsageError
+from flowdiff.utils import UsageError, keep_freed_memory
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXTRA_SUBCOMMANDS = {"sample": "Draw samples from a checkpoint (no --config needed)."}
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowdiff`` console script."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

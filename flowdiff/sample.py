@@ -156,6 +156,8 @@ def sample_main(argv: list[str]) -> Path:
                 guidance=w,
                 generator=generator,
                 return_trajectory=not is_image and y is None,
+                batch_size=cfg.batch_size or (128 if is_image else None),
+                progress=True,
             )
         )
     seconds = time.perf_counter() - start

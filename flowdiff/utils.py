@@ -24,3 +24,29 @@ def as_time(t: float | Tensor, x: Tensor) -> Tensor:
     """A (B,) time tensor on ``x``'s device and dtype from a scalar or a (B,) tensor."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of giving it back to the OS.
+
+    By default, blocks above a dynamic threshold (128 KB to 32 MB) are mmap-ed and unmapped on
+    every free, so each training or sampling step page-faults its activations in again: sampling
+    a small U-Net spent 20% of its time in the kernel doing that. Raising the mmap threshold to its
+    maximum and the trim threshold above it keeps the memory in the heap. Returns whether it
+    applied (glibc only; elsewhere nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum on 64-bit
+        ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)
+        ok &= libc.mallopt(m_top_pad, 64 * 2**20)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
