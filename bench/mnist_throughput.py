@@ -6,13 +6,15 @@ batched forward against two separate forwards. Run by hand (about 5 minutes on 2
 
 Needs MNIST in ./data (`make data`). All figures come from this one run:
 
-- peak: the best of several 2048x2048 fp32 matmuls (2 n^3 FLOP each), with torch's threads;
+- peak: the faster of two fp32 GEMMs, best of 10: torch.mm 2048x2048 (MKL; on AMD CPUs it takes
+  slower code paths) and a 1x1 convolution with 1024 channels (oneDNN, which runs the U-Net);
 - U-Net FLOP per image, forward and forward + backward, from torch's FLOP counter;
 - flowdiff: `flowdiff fit --config mnist.yaml` in a fresh process, images/s timed from step 5 to
   the last step (no validation falls in that window; its cost at the shipped interval is
   reported separately);
 - bare loop: the same U-Net (channels_last), batch, fused Adam and CFM loss with label dropout,
-  batches drawn from the same in-memory images, in a fresh process;
+  batches drawn from the same in-memory images, in a fresh process; plain, and with flowdiff's
+  malloc setting (`flowdiff.utils.keep_freed_memory`), to separate the two;
 - sampling: 50 guided Euler steps for 128 images, the null and conditional branches in one
   forward of 2B against two forwards of B.
 """
@@ -36,15 +38,28 @@ HERE = Path(__file__).resolve().parent
 WARMUP = 5
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def _best_rate(fn, flop: float, repeats: int = 10) -> float:
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return flop / best / 1e9
+
+
+def matmul_peak() -> dict:
+    """fp32 GEMM GFLOP/s two ways: torch.mm (MKL, which takes slow paths on AMD CPUs) and a 1x1
+    convolution (oneDNN, the library the U-Net's convolutions run on). The peak is the larger."""
+    import torch.nn.functional as F
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    mkl = _best_rate(lambda: a @ b, 2 * n**3)
+    x = torch.randn(64, 1024, 16, 16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(1024, 1024, 1, 1)
+    onednn = _best_rate(lambda: F.conv2d(x, w), 2 * 64 * 256 * 1024 * 1024)
+    return {"mkl_matmul": mkl, "onednn_1x1_conv": onednn, "peak": max(mkl, onednn)}
 
 
 def build_net(config: dict):
@@ -66,8 +81,13 @@ def unet_gflop(config: dict) -> tuple[float, float]:
     return forward.get_total_flops() / 8e9, train.get_total_flops() / 8e9
 
 
-def bare_loop(config: dict, steps: int) -> dict:
-    """A hand-written training loop: same U-Net, batch, optimizer, loss and label dropout."""
+def bare_loop(config: dict, steps: int, allocator: bool) -> dict:
+    """A hand-written training loop: same U-Net, batch, optimizer, loss and label dropout;
+    with ``allocator``, also flowdiff's malloc setting (freed memory kept for reuse)."""
+    if allocator:
+        from flowdiff.utils import keep_freed_memory
+
+        keep_freed_memory()
     from flowdiff.data.mnist import pixels_to_float
     from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
 
@@ -83,7 +103,7 @@ def bare_loop(config: dict, steps: int) -> dict:
         if step == WARMUP:
             start = time.perf_counter()
         idx = torch.randint(0, len(images), (batch,), generator=generator)
-        z = pixels_to_float(images[idx]).contiguous(memory_format=torch.channels_last)
+        z = pixels_to_float(images[idx].unsqueeze(1)).contiguous(memory_format=torch.channels_last)
         y = torch.where(torch.rand(batch) < p_uncond, 10, labels[idx])
         t = torch.rand(batch)
         eps = torch.randn_like(z)
@@ -157,69 +177,71 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--bare", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from flowdiff.cli import resolve_config
 
     config = yaml.safe_load(Path(resolve_config("mnist.yaml")).read_text())
     if args.bare is not None:
-        print(json.dumps(bare_loop(config, args.bare)))
+        print(json.dumps(bare_loop(config, int(args.bare[0]), args.bare[1] == "allocator")))
         return
-    peak = matmul_peak()
+    from flowdiff.utils import keep_freed_memory
+
+    keep_freed_memory()  # as `flowdiff` does, for the sampling figures below
+    peaks = matmul_peak()
+    peak = peaks["peak"]
     forward_gflop, train_gflop = unet_gflop(config)
     print(
-        f"fp32 matmul peak: {peak:.0f} GFLOP/s; U-Net: {forward_gflop:.3f} GFLOP/image "
-        f"forward, {train_gflop:.3f} forward + backward",
+        f"fp32 GEMM: {peaks['mkl_matmul']:.0f} GFLOP/s torch.mm (MKL), "
+        f"{peaks['onednn_1x1_conv']:.0f} GFLOP/s 1x1 conv (oneDNN); peak {peak:.0f}. U-Net: "
+        f"{forward_gflop:.3f} GFLOP/image forward, {train_gflop:.3f} forward + backward",
         flush=True,
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             fd = run_flowdiff(args.steps, Path(tmp))
-            bare = json.loads(
-                subprocess.run(
-                    [sys.executable, __file__, "--bare", str(args.steps)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            )
-            row = {
-                "flowdiff": fd["images"] / fd["seconds"],
-                "bare": bare["images"] / bare["seconds"],
-            }
-            row["ratio"] = row["flowdiff"] / row["bare"]
+            row = {"flowdiff": fd["images"] / fd["seconds"]}
+            for variant in ("plain", "allocator"):
+                cmd = [sys.executable, __file__, "--bare", str(args.steps), variant]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                bare = json.loads(out)
+                row[f"bare_{variant}"] = bare["images"] / bare["seconds"]
+                row[f"ratio_{variant}"] = row["flowdiff"] / row[f"bare_{variant}"]
             rows.append(row)
             print(
-                f"repeat {i}: flowdiff {row['flowdiff']:.1f} images/s, bare loop "
-                f"{row['bare']:.1f} images/s, ratio {row['ratio']:.3f}",
+                f"repeat {i}: flowdiff {row['flowdiff']:.1f} images/s; bare loop "
+                f"{row['bare_plain']:.1f} (ratio {row['ratio_plain']:.3f}), with flowdiff's "
+                f"allocator setting {row['bare_allocator']:.1f} "
+                f"(ratio {row['ratio_allocator']:.3f})",
                 flush=True,
             )
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    share = median["flowdiff"] * train_gflop / peak
     samp = sampling(config)
     summary = {
-        "peak_gflops": peak,
+        "gemm_gflops": peaks,
         "unet_gflop_forward": forward_gflop,
         "unet_gflop_train": train_gflop,
         "median": median,
         "runs": rows,
-        "flowdiff_peak_fraction": share,
-        "bare_peak_fraction": median["bare"] * train_gflop / peak,
+        "peak_fraction": {k: median[k] * train_gflop / peak for k in median if "ratio" not in k},
         "sampling_images_per_s": samp,
         "sampling_1000_images_50_steps_s": 1000 / samp["batched"],
     }
+    print(f"\ntraining images/s, median of {args.repeats}:")
+    for key in ("flowdiff", "bare_plain", "bare_allocator"):
+        ratio = (
+            ""
+            if key == "flowdiff"
+            else f"  flowdiff / this {median[key.replace('bare', 'ratio')]:.3f}"
+        )
+        print(
+            f"  {key:16}{median[key]:8.1f}   {100 * summary['peak_fraction'][key]:4.0f}% of peak"
+            f"{ratio}"
+        )
     print(
-        f"\ntraining images/s (median of {args.repeats}): flowdiff {median['flowdiff']:.1f}, "
-        f"bare loop {median['bare']:.1f}, ratio {median['ratio']:.3f}"
-    )
-    print(
-        f"training reaches {100 * share:.0f}% of the fp32 matmul peak "
-        f"(bare loop {100 * summary['bare_peak_fraction']:.0f}%)"
-    )
-    print(
-        f"guided sampling, 50 Euler steps: {samp['batched']:.1f} images/s batched (2B), "
-        f"{samp['two_forwards']:.1f} with two forwards; 1,000 images in "
+        f"guided sampling, 50 Euler steps, 128 images: {samp['batched']:.1f} images/s with one "
+        f"forward of 2B, {samp['two_forwards']:.1f} with two forwards of B; 1,000 images in "
         f"{summary['sampling_1000_images_50_steps_s']:.0f} s"
     )
     if args.json:
