@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install data demo test test-slow lint bench clean
 
