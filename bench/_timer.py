@@ -11,8 +11,7 @@ class StepTimer(L.Callback):
     """Wall time from the start of step ``warmup`` to the end of training (validation,
     checkpointing and logging included); writes ``{"steps", "seconds"}`` to $FLOWDIFF_BENCH_OUT."""
 
-    def __init__(self, warmup: int | None = None):
-        warmup = warmup if warmup is not None else int(os.environ.get("FLOWDIFF_BENCH_WARMUP", 100))
+    def __init__(self, warmup: int = 100):
         self.warmup, self.start, self.first = warmup, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -23,3 +22,32 @@ class StepTimer(L.Callback):
         seconds = time.perf_counter() - self.start
         with open(os.environ["FLOWDIFF_BENCH_OUT"], "w") as f:
             json.dump({"steps": trainer.global_step - self.first, "seconds": seconds}, f)
+
+
+def timed_fit(fit_args: list[str], workdir, warmup: int = 100) -> dict:
+    """Run `flowdiff fit FIT_ARGS` in a fresh process with a StepTimer; its timing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    out = Path(workdir) / f"timing-{time.time_ns()}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowdiff.cli",
+        "fit",
+        *fit_args,
+        "--trainer.callbacks+=_timer.StepTimer",
+        "--trainer.callbacks.init_args.warmup",
+        str(warmup),
+    ]
+    env = {
+        **os.environ,
+        "FLOWDIFF_BENCH_OUT": str(out),
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.setdefault("WANDB_MODE", "offline")
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())

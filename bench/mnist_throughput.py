@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _timer import timed_fit
 
 HERE = Path(__file__).resolve().parent
 WARMUP = 5
@@ -117,31 +117,15 @@ def bare_loop(config: dict, steps: int, allocator: bool) -> dict:
 
 
 def run_flowdiff(steps: int, workdir: Path) -> dict:
-    out = workdir / "timing.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flowdiff.cli",
-        "fit",
+    args = [
         "--config",
         "mnist.yaml",
-        "--trainer.default_root_dir",
-        str(workdir / f"run-{time.time_ns()}"),
         "--trainer.max_steps",
         str(steps),
-        "--trainer.callbacks+=_timer.StepTimer",
-        "--trainer.callbacks.init_args.warmup",
-        str(WARMUP),
+        "--trainer.default_root_dir",
+        str(workdir / f"run-{time.time_ns()}"),
     ]
-    env = {
-        **os.environ,
-        "FLOWDIFF_BENCH_OUT": str(out),
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.setdefault("WANDB_MODE", "offline")
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    timing = json.loads(out.read_text())
+    timing = timed_fit(args, workdir, WARMUP)
     return {"images": timing["steps"] * 250, "seconds": timing["seconds"]}
 
 

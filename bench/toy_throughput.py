@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import yaml
+from _timer import timed_fit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -70,30 +70,15 @@ def bare_loop(config: dict, steps: int, fused: bool) -> dict:
 
 
 def run_flowdiff(config_name: str, steps: int | None, workdir: Path) -> dict:
-    out = workdir / "timing.json"
-    run_dir = workdir / f"run-{time.time_ns()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flowdiff.cli",
-        "fit",
+    args = [
         "--config",
         config_name,
         "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.callbacks+=_timer.StepTimer",
+        str(workdir / f"run-{time.time_ns()}"),
     ]
     if steps is not None:
-        cmd += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2)]
-    env = {
-        **os.environ,
-        "FLOWDIFF_BENCH_OUT": str(out),
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.setdefault("WANDB_MODE", "offline")
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+        args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2)]
+    return timed_fit(args, workdir, WARMUP)
 
 
 def run_bare(config_name: str, steps: int, variant: str) -> dict:
