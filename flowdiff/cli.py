@@ -75,7 +75,14 @@ class FlowdiffCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "exit_on_error": False,
+                "prog": "flowdiff",
+                "description": "Train, sample and study flow-matching and diffusion models.",
+            },
+        )
         kwargs.setdefault("save_config_callback", SaveFitConfig)
         kwargs.setdefault(
             "trainer_defaults",
