@@ -80,21 +80,9 @@ def test_fit_writes_run_directory(toy_runs, name):
 def test_sample_from_checkpoint_alone(toy_runs, name, sampler, tmp_path, run_cli):
     ckpt = toy_runs[name] / "checkpoints" / "last.ckpt"
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(
-        "sample",
-        "--ckpt",
-        ckpt,
-        "--num-samples",
-        300,
-        "--steps",
-        8,
-        "--sampler",
-        sampler,
-        "--seed",
-        3,
-        "--out",
-        out,
-    )
+    args = ["sample", "--ckpt", ckpt, "--num-samples", 300, "--steps", 8, "--sampler", sampler,
+            "--seed", 3]  # fmt: skip
+    code, stdout, _ = run_cli(*args, "--out", out)
     assert code == 0
     saved = torch.load(out / "samples.pt", weights_only=True)
     assert saved["samples"].shape == (300, 2)
@@ -103,21 +91,7 @@ def test_sample_from_checkpoint_alone(toy_runs, name, sampler, tmp_path, run_cli
     assert (out / "samples.png").stat().st_size > 10_000
     assert str(out / "samples.png") in stdout
     # same seed, same samples
-    code, _, _ = run_cli(
-        "sample",
-        "--ckpt",
-        ckpt,
-        "--num-samples",
-        300,
-        "--steps",
-        8,
-        "--sampler",
-        sampler,
-        "--seed",
-        3,
-        "--out",
-        tmp_path / "again",
-    )
+    code, _, _ = run_cli(*args, "--out", tmp_path / "again")
     again = torch.load(tmp_path / "again" / "samples.pt", weights_only=True)["samples"]
     if sampler != "euler-maruyama":
         torch.testing.assert_close(again, saved["samples"])
