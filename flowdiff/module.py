@@ -189,6 +189,7 @@ class FlowModule(L.LightningModule):
                     self.path.t_min,
                     1.0,
                     return_trajectory=return_trajectory,
+                    generator=generator,
                 )
             )
         if len(results) == 1:

@@ -147,7 +147,9 @@ class EulerMaruyamaSampler(Sampler):
             return x + h * field.velocity(x, t), 1
         u, s = field.velocity_and_score(x, t)
         sigma_t = self.sigma_t(field, t)
-        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # Drawn where the generator lives (the CLI's is on the CPU), so a seed fixes the noise.
+        device = generator.device if generator is not None else x.device
+        xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
         return x + h * (u + 0.5 * sigma_t**2 * s) + sigma_t * torch.sqrt(h) * xi, 1
 
 
