@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -50,3 +56,27 @@ def keep_freed_memory() -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file all at once: yields a temporary path beside ``path`` and, when the block
+    finishes without an exception, renames it over ``path`` (atomic on POSIX). A crash or an error
+    mid-write leaves whatever stood at ``path`` untouched and removes the partial file.
+
+    Example::
+
+        with atomic_path(out / "samples.pt") as tmp:
+            torch.save(payload, tmp)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # the data reaches the disk before the name points at it
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
