@@ -47,7 +47,7 @@ class ModelField(Field):
         y: labels (B,) to condition on, or None for an unconditional field.
         guidance: CFG scale ``w``; with labels, the null and conditional branches are evaluated in
             one batched forward pass of size 2B, combined as ``(1 - w) out(x|null) + w out(x|y)``.
-            ``None`` (or 1 with labels) evaluates the conditional branch only.
+            ``None`` (or 1 with labels) evaluates the conditional branch only, 0 the null branch.
         null_label: index of the null class (the network's ``num_classes``).
     """
 
@@ -73,6 +73,8 @@ class ModelField(Field):
         if self.y is None or self.guidance is None or self.guidance == 1.0:
             return self.net(x, t, self.y)
         null = torch.full_like(self.y, self.null_label)
+        if self.guidance == 0.0:  # the unconditional field alone: one forward of size B
+            return self.net(x, t, null)
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, self.y]))
         out_null, out_cond = out.chunk(2)
         return guide(out_null, out_cond, self.guidance)

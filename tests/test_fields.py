@@ -295,7 +295,7 @@ def test_guidance_is_affine_in_w(prediction, w):
     torch.testing.assert_close(field.velocity(x, t), u, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("w", [0.0, 0.3, 4.0])
+@pytest.mark.parametrize("w", [0.3, 4.0])
 def test_guided_path_is_one_forward_of_batch_2b(w):
     net = StubNet()
     path = GaussianConditionalPath("linear")
@@ -309,6 +309,14 @@ def test_guided_path_is_one_forward_of_batch_2b(w):
     net.calls.clear()
     field.velocity_and_score(x, t)
     assert [c[0] for c in net.calls] == [2 * x.shape[0]]
+
+
+def test_guidance_zero_is_one_forward_of_the_null_branch():
+    net = StubNet()
+    x, t, y = stub_inputs()
+    field = ModelField(net, GaussianConditionalPath("linear"), "velocity", y, 0.0, net.null_label)
+    field.velocity(x, t)
+    assert net.calls == [(x.shape[0], (net.null_label,) * x.shape[0])]
 
 
 def test_model_field_conversions_follow_path():
