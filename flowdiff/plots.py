@@ -43,8 +43,17 @@ def plot_points(
 
 
 def save_figure(fig: Figure, path) -> None:
-    fig.savefig(path)
-    plt.close(fig)
+    """Write ``fig`` to ``path`` atomically (format from the suffix) and free it."""
+    from pathlib import Path
+
+    from flowdiff.utils import atomic_path
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:
