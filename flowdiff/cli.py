@@ -9,15 +9,19 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flowdiff.callbacks import EMA
-from flowdiff.module import FlowModule
+from flowdiff.checkpoint import RunCheckpoint, SafeCheckpointIO, read_checkpoint
+from flowdiff.module import FlowModule, TrainingError
 from flowdiff.utils import UsageError, keep_freed_memory
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-EXTRA_SUBCOMMANDS = {"sample": "Draw samples from a checkpoint (no --config needed)."}
+EXTRA_SUBCOMMANDS = {
+    "sample": "Draw samples from a checkpoint (no --config needed).",
+    "evaluate": "Metrics of a checkpoint over samplers, steps and guidance (no --config needed).",
+}
 
 
 def resolve_config(value: str) -> str:
@@ -98,7 +102,7 @@ class FlowdiffCLI(LightningCLI):
             help="Train into a run directory that already holds a run, deleting its checkpoints.",
         )
         parser.add_lightning_class_args(EMA, "ema")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments(
             "trainer.default_root_dir",
@@ -116,10 +120,32 @@ class FlowdiffCLI(LightningCLI):
         for name, help_text in EXTRA_SUBCOMMANDS.items():
             action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's own reads the checkpoint's hyperparameters into the config. First make sure
+        # that the checkpoint exists and is a flowdiff checkpoint, read as data: a bad or unsafe
+        # one is one clear line here, before anything is built or written.
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path == "last":
+            folder = config.checkpoint.dirpath or os.path.join(
+                config.trainer.default_root_dir, "checkpoints"
+            )
+            ckpt_path = last_checkpoint(folder)
+            if ckpt_path is None and subcommand == "fit":
+                # Resuming a run killed before its first checkpoint: it starts over.
+                print(f"flowdiff: no checkpoint in {folder} yet: training starts at step 0")
+            elif ckpt_path is None:
+                raise UsageError(f"--ckpt_path last: no checkpoint in {folder}")
+        if ckpt_path and ckpt_path not in ("best", "hpc"):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             config = self.config.fit
             check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
+            check_writable(config.trainer.default_root_dir)
 
     def instantiate_classes(self) -> None:
         # Constructors validate their arguments; a failure here is a bad config, said in one line.
@@ -136,14 +162,24 @@ class FlowdiffCLI(LightningCLI):
             kwargs["precision"] = default_precision(config.trainer.accelerator)
         if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
             kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's stock checkpoint I/O (not one the user chose through --trainer.plugins or
+        # the strategy) becomes the safe one: atomic writes, weights_only reads.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
+        # Under DDP every rank runs this CLI (Lightning's launcher re-runs the command line;
+        # torchrun and SLURM start each rank themselves), each before the ranks connect, and
+        # nothing is written into the run directory until all have. Global rank 0 alone clears it.
         config = self.config.fit
-        if config.overwrite and config.ckpt_path is None:
+        if config.overwrite and config.ckpt_path is None and self.trainer.is_global_zero:
             clear_run_dir(config.trainer.default_root_dir)
 
     def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:  # one report, and only rank 0 holds the W&B run
+            return
         root = self.trainer.default_root_dir
         print(
             f"flowdiff: run directory {root} (checkpoints in {os.path.join(root, 'checkpoints')})"
@@ -176,6 +212,24 @@ def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
         )
 
 
+def check_writable(root: str) -> None:
+    """Refuse a run directory that cannot be created or written, before any work starts."""
+    existing = Path(root).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot create run directory {root}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write run directory {root}: {existing} is not writable")
+
+
+def last_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The checkpoint ``--ckpt_path last`` resumes: Lightning's choice, the newest ``last*.ckpt``
+    in the checkpoint folder (``last-v1.ckpt`` and the like too); None when there is none."""
+    candidates = [p for p in Path(folder).glob("last*.ckpt") if p.is_file()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
 def clear_run_dir(root: str) -> None:
     """With --overwrite: remove the earlier run's checkpoints and samples (after the config has
     been checked and every class built, so a bad config loses nothing)."""
@@ -205,6 +259,12 @@ QUIET = [
     r".*isinstance\(treespec, LeafSpec\)",
     r".*skip_none parameter was deprecated",
     r"LightningCLI's args parameter is intended",  # main() passes sys.argv on, resolved
+    # Under DDP: the sample metrics are computed on rank 0 alone and logged with rank_zero_only.
+    r"It is recommended to use `self.log\('(val|test)/(w2|mmd)', ..., sync_dist=True\)`",
+    r'.*ckpt_path="last"\) is set, but there is no last checkpoint',  # said in flowdiff's words
+    # flowdiff's checkpoints hold the weights after the step, with the step count that goes with
+    # them: what resuming needs (Lightning suggests saving the weights before the step instead).
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 ]
 
 
@@ -223,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
             from flowdiff.sample import sample_main
 
             sample_main(argv[1:])
+        elif argv and argv[0] == "evaluate":
+            from flowdiff.evaluate import evaluate_main
+
+            evaluate_main(argv[1:])
         else:
             FlowdiffCLI(args=argv)
     except (UsageError, ArgumentError) as err:
@@ -230,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"flowdiff: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingError as err:  # training ran and stopped (non-finite loss, disk full, ...)
+        if debug:
+            raise
+        print(f"flowdiff: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
