@@ -22,9 +22,9 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from flowdiff.metrics.report import Report, Row
-from flowdiff.samplers import SAMPLERS, get_sampler
 from flowdiff.sample import parse_list
-from flowdiff.utils import UsageError, atomic_path
+from flowdiff.samplers import SAMPLERS, get_sampler
+from flowdiff.utils import UsageError
 
 OUTPUTS = ("metrics.json", "quality_vs_nfe.png", "quality_vs_guidance.png")
 
@@ -251,8 +251,11 @@ def evaluate_main(argv: list[str]) -> Path | None:
         metrics = suite.score(samples, plan.labels if w is not None else None) if rank0 else {}
         rows.append(Row(name, steps, w, nfe, round(seconds, 3), metrics))
         scale = f", w = {w:g}" if w is not None else ""
-        log(fabric, f"[{i}/{len(configs)}] {name} {steps} steps{scale}: NFE {nfe}, "
-            f"{plan.num_samples} samples in {seconds:.1f} s")
+        log(
+            fabric,
+            f"[{i}/{len(configs)}] {name} {steps} steps{scale}: NFE {nfe}, "
+            f"{plan.num_samples} samples in {seconds:.1f} s",
+        )
     likelihood = suite.likelihood(fabric, model, cfg, plan) if cfg.nll else None
     if not rank0:
         return None

@@ -156,16 +156,16 @@ class Report:
         )
         keys = ["sampler", "steps", "guidance", "nfe", "seconds", *(c.key for c in self.columns)]
         data = [
-            [r.sampler, r.steps, r.guidance, r.nfe, r.seconds, *(r.metrics.get(c.key) for c in self.columns)]
+            [r.sampler, r.steps, r.guidance, r.nfe, r.seconds]
+            + [r.metrics.get(c.key) for c in self.columns]
             for r in self.rows
         ]
         logged = {"evaluate/table": wandb.Table(columns=keys, data=data)}
         for name in ("quality_vs_nfe", "quality_vs_guidance"):
             logged[f"evaluate/{name}"] = wandb.Image(str(out / f"{name}.png"))
         run.log(logged)
-        run.summary.update({f"floor/{k}": v for k, v in self.floor.items() if _scalar(v)})
-        if self.likelihood:
-            run.summary.update({f"likelihood/{k}": v for k, v in self.likelihood.items() if _scalar(v)})
+        for prefix, values in (("floor", self.floor), ("likelihood", self.likelihood or {})):
+            run.summary.update({f"{prefix}/{k}": v for k, v in values.items() if _scalar(v)})
         run_dir = os.path.dirname(run.dir.rstrip("/")) if run.dir else None
         run.finish()
         if os.environ.get("WANDB_MODE") == "offline" and run_dir:
