@@ -248,6 +248,25 @@ def _innermost_reason(err: BaseException) -> str:
     return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
 
 
+def _argument_error(err: BaseException) -> str:
+    """jsonargparse's multi-line report of a bad value as one line: the key, why, what came."""
+    import re
+
+    text = str(err)
+    key = re.match(r'Parser key "([^"]+)":', text)
+    given = re.search(r"Given value: (.*)$", text, re.S)
+    if not key or "Errors:" not in text:
+        return _one_line(text)
+    reason = _innermost_reason(err)
+    reason = re.sub(
+        r"Not of type (Positive|NonNegative)(Int|Float): does not conform to restriction v>=?0",
+        lambda m: f"expected a {'positive' if m[1] == 'Positive' else 'non-negative'} "
+        f"{'integer' if m[2] == 'Int' else 'number'}",
+        reason,
+    )
+    return f"{key[1]}: {reason}" + (f", got {given[1].strip()}" if given else "")
+
+
 def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
@@ -292,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     except (UsageError, ArgumentError) as err:
         if debug:
             raise
-        print(f"flowdiff: error: {_one_line(err)}", file=sys.stderr)
+        message = _argument_error(err) if isinstance(err, ArgumentError) else _one_line(err)
+        print(f"flowdiff: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingError as err:  # training ran and stopped (non-finite loss, disk full, ...)
         if debug:

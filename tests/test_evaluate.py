@@ -1,0 +1,199 @@
+"""``flowdiff evaluate`` on tiny toy runs: the documented protocol, recomputed independently."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdiff.checkpoint import load_run
+from flowdiff.evaluate import chunk_generator
+from flowdiff.likelihood import log_likelihood
+from flowdiff.metrics.points import mmd, wasserstein2
+from flowdiff.metrics.suites import BANDWIDTHS, FLOOR_SEED, NLL_SEED, REFERENCE_SEED
+from flowdiff.samplers import get_sampler
+
+TINY = [
+    "--trainer.max_steps", "20",
+    "--trainer.val_check_interval", "20",
+    "--trainer.logger", "false",
+    "--data.init_args.batches_per_epoch", "20",
+    "--data.init_args.batch_size", "64",
+    "--model.val_num_samples", "100",
+    "--model.net.init_args.hidden", "32",
+]  # fmt: skip
+CONDITIONAL = [
+    "--model.net.init_args.num_classes", "8",
+    "--data.init_args.p_uncond", "0.2",
+    "--data.init_args.dataset", "8gaussians",
+]  # fmt: skip
+SMALL = ["--num-samples", "120", "--batch-size", "50", "--nll-samples", "60", "--nll-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def toy_ckpts(tmp_path_factory):
+    from flowdiff.cli import main
+
+    ckpts = {}
+    for name, extra in (("toy", []), ("toy_cfg", CONDITIONAL)):
+        root = tmp_path_factory.mktemp(name) / "run"
+        main(
+            ["fit", "--config", "toy.yaml", "--trainer.default_root_dir", str(root), *TINY, *extra]
+        )
+        ckpts[name] = root / "checkpoints" / "last.ckpt"
+    return ckpts
+
+
+def evaluate(run_cli, ckpt, out, *args):
+    return run_cli("evaluate", "--ckpt", ckpt, "--out", out, *SMALL, *args)
+
+
+def expected_row(model, steps, name, n, size, seed, reference, y=None, guidance=None):
+    """A row's metrics from the protocol's definition: chunk c has the noise of seed
+    ``seed * 1000003 + c``; samples against the fixed reference."""
+    sampler = get_sampler(name, steps)
+    parts = []
+    for c, lo in enumerate(range(0, n, size)):
+        hi = min(n, lo + size)
+        labels = y[lo:hi] if y is not None else None
+        result = model.sample(hi - lo, sampler, labels, guidance, chunk_generator(seed, c))
+        parts.append(result.x)
+    samples = torch.cat(parts)
+    return {"w2": wasserstein2(samples, reference), "mmd": mmd(samples, reference, BANDWIDTHS)}
+
+
+def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
+    out = tmp_path / "eval"
+    code, stdout, err = evaluate(
+        run_cli, toy_ckpts["toy"], out, "--sampler", "euler,heun", "--steps", "2,5", "--seed", "3"
+    )
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    rows = report["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("euler", 2, 2),
+        ("euler", 5, 5),
+        ("heun", 2, 3),
+        ("heun", 5, 9),
+    ]
+    run = load_run(toy_ckpts["toy"])
+    dm, n = run.datamodule, 120
+    reference = dm.reference(n, REFERENCE_SEED)[0]
+    for r in rows:
+        expected = expected_row(run.model, r["steps"], r["sampler"], n, 50, 3, reference)
+        assert r["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert r["guidance"] is None and r["seconds"] >= 0
+    floor = {
+        "w2": wasserstein2(dm.reference(n, FLOOR_SEED)[0], reference),
+        "mmd": mmd(dm.reference(n, FLOOR_SEED)[0], reference, BANDWIDTHS),
+    }
+    assert report["floor"] == pytest.approx(floor, rel=1e-12)
+    # NLL: the exact-divergence ODE on the protocol's fresh points, unconditional model.
+    x = dm.reference(60, NLL_SEED)[0]
+    parts = [
+        log_likelihood(
+            run.model.field(), x[lo : lo + 50], steps=3, generator=chunk_generator(NLL_SEED, c)
+        ).log_prob
+        for c, lo in enumerate(range(0, 60, 50))
+    ]
+    nll = -torch.cat(parts).double().mean().item()
+    assert report["likelihood"]["nll"] == pytest.approx(nll, rel=1e-6)
+    # The table printed with the protocol, the floor row and the likelihood.
+    assert "protocol:" in stdout and f"seed {REFERENCE_SEED}" in stdout
+    assert "heun" in stdout and "data (seed" in stdout and "NLL" in stdout
+    for name in ("quality_vs_nfe.png", "quality_vs_guidance.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guidance_sweep_of_a_conditional_model(toy_ckpts, run_cli, tmp_path):
+    out = tmp_path / "eval"
+    code, _, err = evaluate(
+        run_cli,
+        toy_ckpts["toy_cfg"],
+        out,
+        "--guidance",
+        "0,1,2.5",
+        "--steps",
+        "3",
+        "--nll",
+        "false",
+    )
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["guidance"] for r in report["rows"]] == [0.0, 1.0, 2.5]
+    assert report["likelihood"] is None
+    run = load_run(toy_ckpts["toy_cfg"])
+    # Guided samples ask for the reference's own labels, so class frequencies match the data.
+    reference, labels = run.datamodule.reference(120, REFERENCE_SEED)
+    row = report["rows"][2]
+    expected = expected_row(run.model, 3, "euler", 120, 50, 0, reference, labels, 2.5)
+    assert row["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_writes_a_wandb_run_offline(toy_ckpts, run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "eval"
+    code, stdout, err = evaluate(run_cli, toy_ckpts["toy"], out, "--steps", "2", "--wandb", "true")
+    assert code == 0, err
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert f"wandb sync {runs[0]}" in stdout
+
+
+def test_refuses_to_overwrite(toy_ckpts, run_cli, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate(run_cli, toy_ckpts["toy"], out, "--steps", "2", "--wandb", "false")[0] == 0
+    before = (out / "metrics.json").read_bytes()
+    code, _, err = evaluate(run_cli, toy_ckpts["toy"], out, "--steps", "3", "--wandb", "false")
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err
+    assert (out / "metrics.json").read_bytes() == before
+    code, _, err = evaluate(
+        run_cli, toy_ckpts["toy"], out, "--steps", "3", "--wandb", "false", "--overwrite", "true"
+    )
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["rows"][0]["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "run, args, message",
+    [
+        ("toy", ["--guidance", "3"], "trained without labels"),
+        ("toy_cfg", ["--guidance", "-1"], "must be >= 0"),
+        ("toy", ["--steps", "0"], "positive"),
+        ("toy", ["--steps", "ten"], "comma-separated numbers"),
+        ("toy", ["--sampler", "rk45"], "unknown sampler"),
+        ("toy", ["--num-samples", "0"], "num_samples: expected a positive integer"),
+        ("toy", ["--batch-size", "-2"], "batch_size: expected a positive integer"),
+        ("toy", ["--devices", "0"], "devices"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(toy_ckpts, run_cli, tmp_path, run, args, message):
+    code, _, err = evaluate(run_cli, toy_ckpts[run], tmp_path / "eval", *args)
+    assert code == 2 and err.startswith("flowdiff: error:") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_two_ranks_give_the_metrics_of_one(toy_ckpts, tmp_path):
+    """Launched on 2 CPU ranks (gloo) by Fabric, each draws its chunks; the same numbers."""
+    flowdiff = Path(sys.executable).parent / "flowdiff"
+    common = [
+        str(flowdiff), "evaluate", "--ckpt", str(toy_ckpts["toy"]), *SMALL,
+        "--sampler", "euler,euler-maruyama", "--steps", "3", "--wandb", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reports = []
+    for devices in ("1", "2"):
+        out = tmp_path / f"ranks{devices}"
+        cmd = [*common, "--devices", devices, "--accelerator", "cpu", "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads((out / "metrics.json").read_text()))
+    one, two = reports
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-9)
+    assert one["likelihood"]["nll"] == pytest.approx(two["likelihood"]["nll"], rel=1e-9)
+    assert one["floor"] == two["floor"]
