@@ -160,10 +160,9 @@ def map_chunks(fabric, n: int, size: int, work) -> torch.Tensor:
         parts[j] = work(c, lo, hi).detach().float().cpu()
     if world == 1:
         return torch.cat([p for p in parts if p is not None])
-    example = next(p for p in parts if p is not None) if parts[0] is not None else None
-    shape = example.shape[1:] if example is not None else None
-    # Every rank sends (slots, size, ...) padded with zeros: all_gather needs equal shapes.
-    shape = fabric.broadcast(shape, src=0)
+    # Every rank sends (slots, size, ...) padded with zeros: all_gather needs equal shapes. Rank 0
+    # always has chunk 0, and so the shape of one result.
+    shape = fabric.broadcast(parts[0].shape[1:] if parts[0] is not None else None, src=0)
     buffer = torch.zeros(slots, size, *shape)
     for j, p in enumerate(parts):
         if p is not None:
