@@ -148,14 +148,19 @@ def chunk_generator(seed: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + chunk)
 
 
-def map_chunks(fabric, n: int, size: int, work) -> torch.Tensor:
+def map_chunks(fabric, n: int, size: int, work, desc: str = "") -> torch.Tensor:
     """``work(c, lo, hi) -> (hi - lo, ...)`` for each chunk ``c`` of ``range(n)`` in chunks of
-    ``size``, the chunks dealt round-robin to the ranks and gathered in order on every rank."""
+    ``size``, the chunks dealt round-robin to the ranks and gathered in order on every rank.
+    Rank 0 shows a progress bar over its chunks when stderr is a terminal."""
+    from tqdm import tqdm
+
     chunks = math.ceil(n / size)
     rank, world = fabric.global_rank, fabric.world_size
     slots = math.ceil(chunks / world)
     parts: list[torch.Tensor | None] = [None] * slots
-    for j, c in enumerate(range(rank, chunks, world)):
+    mine = range(rank, chunks, world)
+    quiet = rank != 0 or not sys.stderr.isatty()
+    for j, c in enumerate(tqdm(mine, desc=desc, unit="chunk", disable=quiet, leave=False)):
         lo, hi = c * size, min(n, (c + 1) * size)
         parts[j] = work(c, lo, hi).detach().float().cpu()
     if world == 1:
@@ -186,7 +191,10 @@ def draw(fabric, model, plan: Plan, sampler, guidance, seed: int) -> tuple[torch
         nfe.append(result.nfe)
         return result.x
 
-    samples = map_chunks(fabric, plan.num_samples, plan.batch_size, work)
+    desc = f"{sampler.name} {sampler.steps} steps" + (
+        f" w={guidance:g}" if guidance is not None else ""
+    )
+    samples = map_chunks(fabric, plan.num_samples, plan.batch_size, work, desc)
     return samples, nfe[0] if nfe else 0
 
 

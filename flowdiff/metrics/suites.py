@@ -88,7 +88,7 @@ class _Suite:
             )
             return result.log_prob
 
-        return map_chunks(fabric, len(x), self.plan.batch_size, work).double()
+        return map_chunks(fabric, len(x), self.plan.batch_size, work, "likelihood").double()
 
 
 class PointSuite(_Suite):
