@@ -1,19 +1,44 @@
-"""Rebuild a model (and its data) from a checkpoint alone, loaded as data, never as code."""
+"""Checkpoints: read as data, never as code; written atomically; rebuilt into a model alone.
+
+- :func:`load_checkpoint_file` is the one ``torch.load`` of flowdiff (``weights_only=True``).
+- :class:`SafeCheckpointIO` is the trainer's checkpoint I/O: it writes through a temporary file
+  renamed over the old one (a crash never leaves a truncated ``last.ckpt``), refuses non-finite
+  weights, and reads through :func:`load_checkpoint_file`, so ``--ckpt_path`` resumes safely too.
+- :class:`RunCheckpoint` is Lightning's ``ModelCheckpoint`` whose ``save_last="link"`` replaces
+  ``last.ckpt`` atomically as well.
+- :func:`load_run` rebuilds the model (and its datamodule) from a checkpoint alone.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
 import pickle
+import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_module
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flowdiff.module import FlowModule
-from flowdiff.utils import UsageError
+from flowdiff.module import FlowModule, TrainingError
+from flowdiff.utils import UsageError, atomic_path
+
+_READ_ERRORS = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    OSError,
+)
 
 
 @dataclass
@@ -23,26 +48,34 @@ class LoadedRun:
     checkpoint: dict
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(..., weights_only=True)`` with one clear error for every way it can fail."""
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a checkpoint
+    whose pickle would import or call anything is refused before it runs. One clear
+    :class:`UsageError` for every way it can fail."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        OSError,
-    ) as err:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except _READ_ERRORS as err:
+        # torch names the refused global ("Unsupported global: GLOBAL builtins.eval ...").
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise UsageError(
+                f"refusing checkpoint {str(path)!r}: loading it would run or import "
+                f"{refused.group(1)}, and a checkpoint is data, never code (flowdiff loads "
+                "checkpoints with weights_only=True)"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
             f"cannot read checkpoint {str(path)!r}: corrupt, truncated or not a safe "
             f"PyTorch checkpoint ({first})"
         ) from err
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``flowdiff fit``, loaded as data; one clear error otherwise."""
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UsageError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
     hparams = ckpt.get("hyper_parameters") or {}
@@ -74,3 +107,78 @@ def load_run(path: str | Path) -> LoadedRun:
         dm_hparams = {k: v for k, v in dm_hparams.items() if k != "_instantiator"}
         datamodule = instantiate_module(L.LightningDataModule, dm_hparams)
     return LoadedRun(model, datamodule, ckpt)
+
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file made by ``atomic_path`` (``mkstemp``: 0600) the permissions ``open`` would have
+    given it (0666 less the umask), so a checkpoint stays readable by whoever could read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def check_finite_weights(checkpoint: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose weights (averaged or raw) hold a nan or an inf."""
+    for part in ("state_dict", "current_model_state"):
+        for name, value in (checkpoint.get(part) or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                if not bool(torch.isfinite(value).all()):
+                    raise TrainingError(
+                        f"training stopped: the weights at step {checkpoint.get('global_step')} "
+                        f"are not finite ({part}.{name}); {path} was not written, the checkpoints "
+                        "written before are kept"
+                    )
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, made safe both ways.
+
+    Writing: ``torch.save`` to a temporary file beside the target, fsync, rename over the target
+    (:func:`flowdiff.utils.atomic_path`): a crash or a full disk mid-write leaves the previous
+    checkpoint byte for byte. Temporary files of the same target left by a killed process are
+    removed first. Non-finite weights are refused (:class:`TrainingError`).
+
+    Reading (``fit --ckpt_path ...``): :func:`load_checkpoint_file`, ``weights_only=True`` whatever
+    the caller asks.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote: Lightning's own
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        check_finite_weights(checkpoint, path)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a process killed mid-write
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+                usual_permissions(tmp)
+        except (OSError, RuntimeError) as err:
+            raise TrainingError(
+                f"cannot write checkpoint {path}: {err}; the previous one is kept"
+            ) from err
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None):
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location or "cpu")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``save_last="link"`` swaps ``last.ckpt`` atomically: the link (or,
+    where links are not allowed, the copy) is made under a temporary name and renamed over the old
+    one, so ``last.ckpt`` never disappears or holds half a file."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)
+            with atomic_path(linkpath) as tmp:
+                tmp.unlink()
+                try:
+                    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+                except OSError:
+                    shutil.copy(filepath, tmp)
+        trainer.strategy.barrier()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -287,10 +288,44 @@ QUIET = [
 ]
 
 
+class _StandardStreams(logging.StreamHandler):
+    """Information on stdout, warnings and errors on stderr: the streams of the moment (not those
+    of import time), so that stderr holds only problems and a bad input is one line there."""
+
+    _level_now = logging.INFO
+
+    @property
+    def stream(self):
+        return sys.stdout if self._level_now < logging.WARNING else sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._level_now = record.levelno
+        super().emit(record)
+
+
+def _lightning_info_to_stdout() -> None:
+    """Lightning logs its information (seed, devices, model summary, tips) to stderr through the
+    handlers it adds when nothing else configures logging; flowdiff prints it on stdout."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+                replacement = _StandardStreams()
+                replacement.setLevel(handler.level)
+                replacement.setFormatter(handler.formatter)
+                logger.addHandler(replacement)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowdiff`` console script."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    _lightning_info_to_stdout()
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"

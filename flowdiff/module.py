@@ -22,6 +22,32 @@ from flowdiff.utils import UsageError
 # The learning-rate schedule is stepped every 10 optimizer steps: a scheduler step costs ~3% of a
 # small model's step, and a rate constant over 10 steps changes nothing.
 LR_UPDATE_EVERY = 10
+# With ``nonfinite="skip"``, this many non-finite losses in a row stop training all the same: the
+# model has diverged, and skipping forever would only hide it.
+MAX_SKIPPED_IN_A_ROW = 100
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must read (a non-finite loss, weights or a checkpoint
+    that cannot be written): the CLI prints it on one line and exits non-zero."""
+
+
+class _SharedWhenCopied:
+    """A callable that deep copies share instead of copying.
+
+    EMA's averaged model is a deep copy of the module. Under LightningCLI the optimizer factory is
+    a jsonargparse partial that reaches the CLI and its trainer (and under DDP the process group,
+    which cannot be copied): the copy needs no optimizer, so it shares the factory.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class FlowModule(L.LightningModule):
@@ -40,6 +66,9 @@ class FlowModule(L.LightningModule):
         num_classes: number of labels in the data (0: unlabelled); linked from the datamodule.
         gradient_clip_val: clip the gradients' global norm to this value (None: no clipping).
             The step is written out, so use this rather than ``trainer.gradient_clip_val``.
+        nonfinite: what a non-finite (nan or inf) training loss does: ``stop`` training with an
+            error naming the step, before its update (the weights and checkpoints stay finite), or
+            ``skip`` the batch (no update; counted in ``train/skipped_batches``).
         log_every_n_steps: log the training loss every n steps (logging is not free on small nets).
         val_num_samples: samples drawn at each validation for metrics and pictures (points), or
             unconditional images in the validation grid.
@@ -58,6 +87,7 @@ class FlowModule(L.LightningModule):
         data_shape: list[int] | None = None,
         num_classes: int = 0,
         gradient_clip_val: float | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
         log_every_n_steps: int = 50,
         val_num_samples: int = 2000,
         val_guidance: list[float] = [1.0, 3.0],  # noqa: B006 (jsonargparse needs the list)
@@ -74,10 +104,13 @@ class FlowModule(L.LightningModule):
                 f"model.net.init_args.num_classes to {num_classes} (or 0 for no labels)"
             )
         self.net, self.path, self.objective, self.sampler = net, path, objective, sampler
-        self.optimizer, self.lr_schedule = optimizer, lr_schedule
+        self.optimizer, self.lr_schedule = _SharedWhenCopied(optimizer), lr_schedule
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes
         self.gradient_clip_val = gradient_clip_val
+        if nonfinite not in ("stop", "skip"):
+            raise UsageError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.nonfinite, self.skipped_batches, self._skipped_in_a_row = nonfinite, 0, 0
         # The step is written out (manual optimization): Lightning's automatic loop costs ~80 us
         # a step, 3-4% of a small model's step on a CPU.
         self.automatic_optimization = False
@@ -116,6 +149,8 @@ class FlowModule(L.LightningModule):
         z, y = batch
         optimizer = self.optimizers()
         loss = self.loss(z, y)
+        if not self._finite(loss):
+            return loss  # skipped: no backward, no update
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.gradient_clip_val:
@@ -129,11 +164,58 @@ class FlowModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every rank; if not, stop or skip (``nonfinite``).
+
+        Checked before the backward pass and the update, so a non-finite loss never reaches the
+        weights. One host sync a step; under DDP the ranks agree, so all stop or skip together.
+        """
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)))
+        if finite:
+            self._skipped_in_a_row = 0
+            return True
+        step = self.global_step + 1  # the optimizer step this batch was for, counted from 1
+        if self.nonfinite == "skip" and self._skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+            self.skipped_batches += 1
+            self._skipped_in_a_row += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            if self.skipped_batches == 1:
+                print(
+                    f"flowdiff: the loss is {loss.item()} at step {step}: batch skipped "
+                    "(model.nonfinite=skip; later ones are counted in train/skipped_batches)",
+                    file=sys.stderr,
+                )
+            return False
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
+        kept = f"last checkpoint kept: {last}" if Path(last).is_file() else "no checkpoint yet"
+        if self.nonfinite == "skip":
+            raise TrainingError(
+                f"training stopped: the loss is {loss.item()} at step {step}, after "
+                f"{MAX_SKIPPED_IN_A_ROW} skipped batches in a row; {kept}. Lower the learning "
+                "rate or set --model.gradient_clip_val"
+            )
+        raise TrainingError(
+            f"training stopped: the loss is {loss.item()} at step {step} (stopped before its "
+            f"update: the weights are those of step {step - 1}); {kept}. Lower the learning rate, "
+            "set --model.gradient_clip_val, or pass --model.nonfinite skip to skip such batches"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
+
+    def on_train_end(self) -> None:
+        if self.skipped_batches and self.trainer.is_global_zero:
+            print(f"flowdiff: skipped {self.skipped_batches} batches with a non-finite loss")
+
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         z, y = batch
         # A fixed generator: the validation loss is comparable from one epoch to the next.
         generator = torch.Generator(z.device).manual_seed(0)
-        self.log(f"{stage}/loss", self.loss(z, y, generator), prog_bar=stage == "val")
+        loss = self.loss(z, y, generator)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)  # mean over ranks
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

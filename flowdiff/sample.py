@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 from flowdiff.samplers import SAMPLERS, get_sampler
-from flowdiff.utils import UsageError
+from flowdiff.utils import UsageError, atomic_path
 
 
 def build_parser() -> ArgumentParser:
@@ -113,7 +114,7 @@ def plan_labels(cfg, model, is_image: bool) -> tuple[torch.Tensor | None, list, 
 
 def sample_main(argv: list[str]) -> Path:
     cfg = build_parser().parse_args(argv)
-    from flowdiff.checkpoint import load_run
+    from flowdiff.checkpoint import load_run, usual_permissions
 
     ckpt_path = Path(cfg.ckpt)
     run = load_run(ckpt_path)
@@ -140,6 +141,8 @@ def sample_main(argv: list[str]) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create output directory {str(out)!r}: {err.strerror}") from err
+    if not os.access(out, os.W_OK | os.X_OK):  # said now, not after sampling
+        raise UsageError(f"cannot write to output directory {str(out)!r}: permission denied")
 
     model.to(torch.device(cfg.device))
     n = len(y) if y is not None else cfg.num_samples
@@ -171,18 +174,16 @@ def sample_main(argv: list[str]) -> Path:
         "seed": cfg.seed,
         "checkpoint": str(ckpt_path),
     }
-    torch.save(payload, files["samples"])
-    save_picture(
-        files["picture"],
-        run,
-        results,
-        samples,
-        y,
-        scales,
-        per_row,
-        is_image,
-        f"{sampler.name}, {steps} steps (NFE {results[0].nfe})",
-    )
+    # Both files appear together, each whole, or neither (an existing pair stays as it was).
+    title = f"{sampler.name}, {steps} steps (NFE {results[0].nfe})"
+    try:
+        with atomic_path(files["samples"]) as pt, atomic_path(files["picture"]) as png:
+            torch.save(payload, pt)
+            save_picture(png, run, results, samples, y, scales, per_row, is_image, title)
+            usual_permissions(pt)
+            usual_permissions(png)
+    except OSError as err:
+        raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")
     print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {results[0].nfe})")
     print(f"flowdiff: wrote {files['samples']} and {files['picture']}")
@@ -190,13 +191,9 @@ def sample_main(argv: list[str]) -> Path:
 
 
 def save_picture(path, run, results, samples, y, scales, per_row, is_image, title) -> None:
-    from flowdiff.plots import (
-        image_grid,
-        plot_image_grids,
-        plot_labelled_points,
-        plot_points,
-        save_figure,
-    )
+    import matplotlib.pyplot as plt
+
+    from flowdiff.plots import image_grid, plot_image_grids, plot_labelled_points, plot_points
 
     names = [f"w = {w:g}" if w is not None else "" for w in scales]
     if is_image:
@@ -211,4 +208,7 @@ def save_picture(path, run, results, samples, y, scales, per_row, is_image, titl
         else:
             panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
             fig = plot_labelled_points(panels, data, title=title)
-    save_figure(fig, path)
+    try:
+        fig.savefig(path, format="png")  # a temporary name: no suffix to infer the format from
+    finally:
+        plt.close(fig)

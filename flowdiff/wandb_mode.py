@@ -23,7 +23,10 @@ def choose_wandb_mode() -> str:
     """Set ``WANDB_MODE=offline`` unless a mode is set or credentials exist; return the mode."""
     if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
-        print("flowdiff: no W&B credentials found, logging offline", file=sys.stderr)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # every DDP rank started by torchrun or SLURM gets here
+            print("flowdiff: no W&B credentials found, logging offline", file=sys.stderr)
     return os.environ.get("WANDB_MODE", "online")
 
 

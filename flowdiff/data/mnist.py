@@ -36,6 +36,12 @@ class _Batches(IterableDataset):
 
     With a generator, each pass follows a fresh random permutation drawn from it; without one, the
     order is fixed. The last batch of a pass may be smaller.
+
+    With ``world_size > 1`` (DDP) the pass is split like ``DistributedSampler`` splits it: every
+    rank draws the same permutation, pads it by wrapping around to a multiple of ``world_size``
+    and takes every ``world_size``-th row from ``rank`` on. The ranks see disjoint rows (but for
+    the padding) and the same number of batches. Lightning adds no distributed sampler to an
+    iterable dataset, so without this every rank would train on the same batches.
     """
 
     def __init__(
@@ -44,16 +50,27 @@ class _Batches(IterableDataset):
         labels: Tensor,
         batch_size: int,
         generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.generator = generator
+        self.rank, self.world_size = rank, world_size
+
+    def _rows(self) -> int:
+        return -(-len(self.labels) // self.world_size)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self._rows() // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
         order = None if self.generator is None else torch.randperm(n, generator=self.generator)
+        if self.world_size > 1:
+            order = torch.arange(n) if order is None else order
+            total = self._rows() * self.world_size
+            order = order.repeat(-(-total // n))[:total][self.rank :: self.world_size]
+            n = len(order)
         for start in range(0, n, self.batch_size):
             stop = start + self.batch_size
             if order is None:
@@ -130,16 +147,19 @@ class MNISTDataModule(L.LightningDataModule):
         images = images.unsqueeze(1)
         return F.pad(images, (2, 2, 2, 2), value=0) if self.hparams.pad_to_32 else images
 
-    def _loader(self, split: str, generator: torch.Generator | None = None) -> DataLoader:
+    def _loader(self, split: str, generator: torch.Generator | None = None, shard=(0, 1)):
         if not self.splits:
             self.setup()
         images, labels = self.splits[split]
-        batches = _Batches(images, labels, self.hparams.batch_size, generator)
+        batches = _Batches(images, labels, self.hparams.batch_size, generator, *shard)
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer else 0
-        return self._loader("train", _seeded(self.hparams.seed + 7919 * epoch))
+        # Under DDP each rank trains on its own share of the epoch (validation and test stay whole
+        # on every rank).
+        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return self._loader("train", _seeded(self.hparams.seed + 7919 * epoch), shard)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -196,7 +196,12 @@ class ToyDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        seed = hp.seed + 7919 * (self.trainer.current_epoch if self.trainer else 0)
+        # A stream of its own for every epoch and, under DDP, for every rank: Lightning gives an
+        # iterable dataset no distributed sampler, and equal seeds would give every rank the same
+        # batches. Rank 0 draws what a single-device run draws.
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        rank = self.trainer.global_rank if self.trainer else 0
+        seed = hp.seed + 7919 * epoch + 104_729 * rank
         stream = _FreshBatches(self.sampler, hp.batch_size, hp.batches_per_epoch, seed)
         return DataLoader(stream, batch_size=None)
 
