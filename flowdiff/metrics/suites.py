@@ -155,8 +155,10 @@ class ImageSuite(_Suite):
             or os.environ.get("FLOWDIFF_CACHE")
             or Path.home() / ".cache" / "flowdiff"
         )
-        if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
-            raise UsageError(f"--inception-weights {cfg.inception_weights!r}: no such file")
+        if cfg.inception_weights is not None:
+            from flowdiff.metrics.images import check_inception
+
+            check_inception(cfg.inception_weights)
         self.columns = [
             Column("fid", "FID", "{:.3f}"),
             Column("kid_mean", "KID x 1e3", "{:.3f}", 1e3),

@@ -1,0 +1,222 @@
+"""flowdiff's own MNIST classifier: the feature network of the image metrics.
+
+Inception features were made for photographs; on MNIST a small classifier trained on the digits is
+the feature space that means something (its penultimate layer separates the classes). flowdiff
+trains it itself, deterministically, so every user gets the same network from the same data:
+
+- **architecture** :class:`MNISTClassifier` (three conv blocks with batch norm, a 128-wide feature
+  layer, a linear head), 28x28 inputs in [-1, 1]; 32x32 inputs (``pad_to_32``) are center-cropped.
+- **training** :data:`TRAINING` on the official 60k training images, in an order drawn from
+  a seeded generator, weights initialised from the same seed.
+- **cache** ``<cache_dir>/mnist-classifier-<sha1(protocol)[:12]>.pt``, where the protocol is the
+  architecture, the training recipe and the SHA-1 of the training and test data: change any of them
+  and the name changes, so a stale network is never reused. Written atomically, read with
+  ``weights_only=True``; an unreadable cache file is trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowdiff.utils import UsageError, atomic_path
+
+# Bump when anything about the classifier changes that the protocol below does not capture.
+CLASSIFIER_VERSION = 1
+TRAINING = {"seed": 0, "epochs": 3, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4}
+
+
+class MNISTClassifier(nn.Module):
+    """A small CNN: ``features`` (N, 128) and ``forward`` logits (N, 10) of images in [-1, 1]."""
+
+    num_features = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            ]
+
+        self.body = nn.Sequential(
+            *block(1, 32),
+            nn.MaxPool2d(2),  # 14
+            *block(32, 64),
+            nn.MaxPool2d(2),  # 7
+            *block(64, 128),
+            nn.MaxPool2d(2),  # 3
+            nn.Flatten(),
+            nn.Linear(128 * 3 * 3, self.num_features),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, 10)
+
+    @staticmethod
+    def crop(x: Tensor) -> Tensor:
+        """(N, 1, H, W) with H, W >= 28 to the central 28x28 (the padding of ``pad_to_32``)."""
+        if x.dim() != 4 or x.shape[1] != 1 or min(x.shape[-2:]) < 28:
+            raise ValueError(f"expected images (N, 1, >=28, >=28), got {tuple(x.shape)}")
+        top, left = (x.shape[-2] - 28) // 2, (x.shape[-1] - 28) // 2
+        return x[..., top : top + 28, left : left + 28].float()
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(self.crop(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@dataclass
+class ClassifierInfo:
+    path: Path
+    test_accuracy: float
+    trained: bool  # trained now (True) or loaded from the cache (False)
+    protocol: dict
+
+
+def _digest(*tensors: Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def classifier_protocol(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> dict:
+    """Everything the trained weights depend on: architecture, recipe, data."""
+    return {
+        "version": CLASSIFIER_VERSION,
+        "architecture": repr(MNISTClassifier()),
+        "training": TRAINING,
+        "train_data": _digest(*train),
+        "test_data": _digest(*test),
+    }
+
+
+def cache_path(cache_dir: str | Path, protocol: dict) -> Path:
+    key = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"mnist-classifier-{key}.pt"
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 (N, 28, 28) or (N, 1, H, W) to float (N, 1, H, W) in [-1, 1]."""
+    images = images.unsqueeze(1) if images.dim() == 3 else images
+    return images.float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Class predictions for float images (N, 1, H, W) in [-1, 1]."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    out = [
+        classifier(images[i : i + batch_size].to(device)).argmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(classifier: nn.Module, data: tuple[Tensor, Tensor]) -> float:
+    images, labels = data
+    return (predict(classifier, to_float(images)) == labels).double().mean().item()
+
+
+def train_classifier(
+    train: tuple[Tensor, Tensor], log: Callable[[str], None] = print
+) -> MNISTClassifier:
+    """Train :class:`MNISTClassifier` by :data:`TRAINING`: the same data gives the same weights."""
+    images, labels = train
+    if len(labels) == 0:
+        raise UsageError("no training images to train the MNIST classifier on")
+    seed, epochs, batch = TRAINING["seed"], TRAINING["epochs"], TRAINING["batch_size"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MNISTClassifier()
+    order = torch.Generator().manual_seed(seed + 1)
+    steps = epochs * -(-len(labels) // batch)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=TRAINING["lr"], weight_decay=TRAINING["weight_decay"]
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, TRAINING["lr"], total_steps=steps)
+    model.train()
+    for epoch in range(epochs):
+        start, total, count = time.perf_counter(), 0.0, 0
+        perm = torch.randperm(len(labels), generator=order)
+        for i in range(0, len(perm), batch):
+            idx = perm[i : i + batch]
+            loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        log(
+            f"classifier epoch {epoch + 1}/{epochs}: loss {total / count:.4f} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+    return model.eval()
+
+
+def load_or_train_classifier(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    cache_dir: str | Path,
+    min_accuracy: float = 0.99,
+    progress: bool = False,
+) -> tuple[MNISTClassifier, ClassifierInfo]:
+    """The classifier of this protocol from the cache, or trained now and cached.
+
+    Raises:
+        UsageError: the cache directory cannot be written, or the trained network's test accuracy
+            is below ``min_accuracy`` (metrics in its features would mean little).
+    """
+    log = (lambda msg: print(f"flowdiff: {msg}", file=sys.stderr)) if progress else (lambda _: None)
+    protocol = classifier_protocol(train, test)
+    path = cache_path(cache_dir, protocol)
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("protocol") != protocol:
+                raise ValueError("its protocol differs from this one")
+            model = MNISTClassifier()
+            model.load_state_dict(saved["state_dict"])
+            info = ClassifierInfo(path, float(saved["test_accuracy"]), False, protocol)
+            return model.eval(), info
+        except Exception as err:  # a damaged cache file costs a retraining, nothing more
+            log(f"classifier cache {path} unreadable ({type(err).__name__}: {err}); retraining")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the classifier cache {str(path.parent)!r}: {err}") from err
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # said now, not after training
+        raise UsageError(f"cannot write to the classifier cache {str(path.parent)!r}")
+    log(f"training the MNIST feature classifier (once; cached as {path})")
+    model = train_classifier(train, log)
+    test_accuracy = accuracy(model, test)
+    log(f"classifier test accuracy {test_accuracy:.4f}")
+    if test_accuracy < min_accuracy:
+        raise UsageError(
+            f"the MNIST feature classifier reached {test_accuracy:.4f} test accuracy, below the "
+            f"{min_accuracy} the metrics need; it was not cached"
+        )
+    payload = {
+        "protocol": protocol,
+        "state_dict": model.state_dict(),
+        "test_accuracy": test_accuracy,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return model, ClassifierInfo(path, test_accuracy, True, protocol)

@@ -1,0 +1,182 @@
+"""Image metrics in the features of flowdiff's MNIST classifier (``flowdiff.metrics.classifier``).
+
+- Fréchet distance and KID: torchmetrics' ``FrechetInceptionDistance`` and
+  ``KernelInceptionDistance`` given a custom feature extractor. The features of each image set are
+  computed once (the reference's once for all the sets it is compared with) and handed to
+  torchmetrics through :class:`Features`, an identity "extractor" that declares their width.
+- Precision and recall: the k-nearest-neighbour manifolds of Kynkäänniemi et al. (2019), k = 3,
+  with as many reference images as samples.
+- Class accuracy: the classifier's prediction on a sample against the label it was drawn for,
+  overall and per class.
+- Inception FID (optional): torchmetrics' FID with the 2048-d Inception-v3 pool features from a
+  weights file the user gives (torch-fidelity's ``pt_inception-2015-12-05`` file); never downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowdiff.utils import UsageError
+
+PR_K = 3
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
+
+
+class Features(nn.Module):
+    """Hands precomputed features (N, num_features) to torchmetrics as if it extracted them."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+@torch.no_grad()
+def extract(classifier: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """The classifier's features (N, F), float64, of float images (N, 1, H, W) in [-1, 1]."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    chunks = [
+        classifier.features(images[i : i + batch_size].to(device)).double().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, F), by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=Features(real.shape[1]))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    return float(fid.compute())
+
+
+def kernel_distance(real: Tensor, fake: Tensor, seed: int = KID_SEED) -> tuple[float, float]:
+    """KID (mean, std over random subsets) by torchmetrics, with seeded subsets."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(KID_SUBSET_SIZE, len(real), len(fake))
+    kid = KernelInceptionDistance(
+        feature=Features(real.shape[1]), subsets=KID_SUBSETS, subset_size=size
+    )
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+def _kth_radius(x: Tensor, k: int, chunk: int = 2048) -> Tensor:
+    """Distance from each row of ``x`` to its k-th nearest other row."""
+    radii = [
+        torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values  # +1: itself, at 0
+        for i in range(0, len(x), chunk)
+    ]
+    return torch.cat(radii)
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 2048) -> Tensor:
+    """Whether each point lies in some ball (centre, radius)."""
+    inside = [
+        (torch.cdist(points[i : i + chunk], centres) <= radii).any(dim=1)
+        for i in range(0, len(points), chunk)
+    ]
+    return torch.cat(inside)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = PR_K) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019): the share of ``fake`` inside the
+    k-NN manifold of ``real``, and of ``real`` inside that of ``fake``."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points a set")
+    real, fake = real.double(), fake.double()
+    precision = _covered(fake, real, _kth_radius(real, k)).double().mean()
+    recall = _covered(real, fake, _kth_radius(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+class ImageMetrics:
+    """Compares image sets with one reference set in the classifier's features.
+
+    Args:
+        classifier: ``flowdiff.metrics.classifier.MNISTClassifier`` (``features`` and logits).
+        real_images: the reference, float (N, 1, H, W) in [-1, 1]; its features are computed once.
+    """
+
+    def __init__(self, classifier: nn.Module, real_images: Tensor):
+        self.classifier = classifier.eval()
+        self.real = extract(classifier, real_images)
+
+    def compare(self, images: Tensor, labels: Tensor | None = None) -> dict:
+        """FID, KID, precision and recall of ``images`` against the reference; with ``labels``
+        (the class each image was drawn for, or its true class), the classifier's accuracy."""
+        fake = extract(self.classifier, images)
+        kid_mean, kid_std = kernel_distance(self.real, fake)
+        # As many reference points as samples: manifold radii shrink with the number of points.
+        precision, recall = precision_recall(self.real[: len(fake)], fake)
+        out = {
+            "fid": frechet_distance(self.real, fake),
+            "kid_mean": kid_mean,
+            "kid_std": kid_std,
+            "precision": precision,
+            "recall": recall,
+        }
+        if labels is not None:
+            out.update(class_accuracy(self.classifier, images, labels))
+        return out
+
+
+def class_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> dict:
+    """The share of images classified as the label they carry, overall and per class (``None``
+    for a class with no image)."""
+    from flowdiff.metrics.classifier import predict
+
+    labels = labels.cpu()
+    hit = (predict(classifier, images) == labels).double()
+    per_class = [
+        hit[labels == c].mean().item() if bool((labels == c).any()) else None for c in range(10)
+    ]
+    return {"class_accuracy": hit.mean().item(), "class_accuracy_per_class": per_class}
+
+
+def check_inception(weights: str | Path) -> None:
+    """Everything Inception FID needs, checked before any work: the weights file, torch-fidelity."""
+    if not Path(weights).is_file():
+        raise UsageError(f"--inception-weights {str(weights)!r}: no such file")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as err:
+        raise UsageError(
+            "--inception-weights needs torch-fidelity (pip install torch-fidelity); flowdiff "
+            "downloads nothing"
+        ) from err
+
+
+def _to_rgb_uint8(images: Tensor) -> Tensor:
+    """Float (N, 1, H, W) in [-1, 1] to uint8 (N, 3, H, W), as Inception's input wants."""
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1)
+
+
+def inception_fid(real: Tensor, fake: Tensor, weights: str | Path, batch_size: int = 100) -> float:
+    """FID in the 2048-d pool features of Inception-v3 read from ``weights`` (torchmetrics)."""
+    check_inception(weights)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
+    except Exception as err:  # torch-fidelity's own error for a file that is not its weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--inception-weights {str(weights)!r}: cannot load ({first})") from err
+    for images, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(images), batch_size):
+            fid.update(_to_rgb_uint8(images[i : i + batch_size]), real=is_real)
+    return float(fid.compute())
