@@ -12,9 +12,11 @@ $(PY):
 	$(PIP) install --upgrade pip
 
 # torch and torchvision first, at the versions this machine serves from disk (a CPU-only machine
-# still gets the CUDA build of 2.14.1 from PyPI's index; it runs on the CPU).
+# still gets the CUDA build of 2.14.1 from PyPI's index; it runs on the CPU). TORCH_INDEX picks
+# another wheel index for them, e.g. https://download.pytorch.org/whl/cpu (the Docker CPU image).
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -e ".[dev]"
 	touch $(STAMP)
 
