@@ -285,6 +285,8 @@ QUIET = [
     # flowdiff's checkpoints hold the weights after the step, with the step count that goes with
     # them: what resuming needs (Lightning suggests saving the weights before the step instead).
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    # Lightning Fabric's all_gather (evaluate across ranks) calls a torch function since deprecated.
+    r"torch.distributed.nn.functional.all_gather is deprecated",
 ]
 
 
