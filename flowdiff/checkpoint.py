@@ -182,3 +182,26 @@ class RunCheckpoint(ModelCheckpoint):
                 except OSError:
                     shutil.copy(filepath, tmp)
         trainer.strategy.barrier()
+
+    # Lightning (2.6) writes last.ckpt at a validation or an epoch end only when a top-k checkpoint
+    # was written there too, and when training ends only if it never wrote one before. flowdiff
+    # keeps no top-k checkpoint (save_top_k=0): without these, last.ckpt would appear only when
+    # training ends (a run killed after an hour would leave nothing to resume), or, once written,
+    # would miss the steps after the last validation (a run stopped by max_time).
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
