@@ -77,6 +77,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # the data reaches the disk before the name points at it
             os.fsync(f.fileno())
+        if not tmp.is_symlink():  # mkstemp's 0600 to what open() would have given: 0666 - umask
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
