@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
 import re
 import shutil
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +28,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flowdiff.module import FlowModule, TrainingError
 from flowdiff.utils import UsageError, atomic_path
-
-_READ_ERRORS = (
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    RuntimeError,
-    EOFError,
-    ValueError,
-    OSError,
-)
 
 
 @dataclass
@@ -57,14 +46,25 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
         raise UsageError(f"checkpoint {str(path)!r} not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except _READ_ERRORS as err:
-        # torch names the refused global ("Unsupported global: GLOBAL builtins.eval ...").
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    except Exception as err:
+        # weights_only=True ran no code; torch's unpickler meets a malformed file with any error
+        # (UnpicklingError, EOFError, IndexError, KeyError, struct.error, UnicodeDecodeError...).
+        # torch names the refused global: "Unsupported global: GLOBAL eval was not an allowed
+        # global", or for a blocked module "unsupported GLOBAL posix.system whose module ...".
+        text = str(err)
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
         if refused:
             raise UsageError(
                 f"refusing checkpoint {str(path)!r}: loading it would run or import "
                 f"{refused.group(1)}, and a checkpoint is data, never code (flowdiff loads "
                 "checkpoints with weights_only=True)"
+            ) from err
+        if "Weights only load failed" in text:  # not torch's advice to load it as code
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            reason = detail.group(1).strip() if detail else "not tensors and plain containers"
+            raise UsageError(
+                f"cannot read checkpoint {str(path)!r}: corrupt, truncated or not a safe "
+                f"PyTorch checkpoint (refused by weights_only=True: {reason})"
             ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(

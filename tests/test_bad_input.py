@@ -113,6 +113,7 @@ CASES = [
     ("sample-foreign-ckpt", "sample --ckpt {foreign} --out {out}", ["not a self-describing"]),
     ("sample-statedict-ckpt", "sample --ckpt {statedict} --out {out}", ["not a Lightning"]),
     ("sample-truncated-ckpt", "sample --ckpt {truncated} --out {out}", ["cannot read checkpoint"]),
+    ("sample-garbage-ckpt", "sample --ckpt {file} --out {out}", ["cannot read checkpoint"]),
     ("sample-missing-ckpt", "sample --ckpt {tmp}/nope.ckpt --out {out}", ["not found"]),
     ("eval-foreign-ckpt", "evaluate --ckpt {foreign} --out {out}", ["not a self-describing"]),
     ("eval-statedict-ckpt", "evaluate --ckpt {statedict} --out {out}", ["not a Lightning"]),
