@@ -109,14 +109,6 @@ def load_run(path: str | Path) -> LoadedRun:
     return LoadedRun(model, datamodule, ckpt)
 
 
-def usual_permissions(path: str | os.PathLike) -> None:
-    """Give a file made by ``atomic_path`` (``mkstemp``: 0600) the permissions ``open`` would have
-    given it (0666 less the umask), so a checkpoint stays readable by whoever could read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def check_finite_weights(checkpoint: dict, path: str | Path) -> None:
     """Refuse a checkpoint whose weights (averaged or raw) hold a nan or an inf."""
     for part in ("state_dict", "current_model_state"):
@@ -153,7 +145,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 stale.unlink(missing_ok=True)  # left by a process killed mid-write
             with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
-                usual_permissions(tmp)
         except (OSError, RuntimeError) as err:
             raise TrainingError(
                 f"cannot write checkpoint {path}: {err}; the previous one is kept"

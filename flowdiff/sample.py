@@ -114,7 +114,7 @@ def plan_labels(cfg, model, is_image: bool) -> tuple[torch.Tensor | None, list, 
 
 def sample_main(argv: list[str]) -> Path:
     cfg = build_parser().parse_args(argv)
-    from flowdiff.checkpoint import load_run, usual_permissions
+    from flowdiff.checkpoint import load_run
 
     ckpt_path = Path(cfg.ckpt)
     run = load_run(ckpt_path)
@@ -180,8 +180,6 @@ def sample_main(argv: list[str]) -> Path:
         with atomic_path(files["samples"]) as pt, atomic_path(files["picture"]) as png:
             torch.save(payload, pt)
             save_picture(png, run, results, samples, y, scales, per_row, is_image, title)
-            usual_permissions(pt)
-            usual_permissions(png)
     except OSError as err:
         raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")

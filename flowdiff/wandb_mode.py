@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import sys
 
 
 def has_wandb_credentials() -> bool:
@@ -26,7 +25,7 @@ def choose_wandb_mode() -> str:
         from lightning.pytorch.utilities import rank_zero_only
 
         if rank_zero_only.rank == 0:  # every DDP rank started by torchrun or SLURM gets here
-            print("flowdiff: no W&B credentials found, logging offline", file=sys.stderr)
+            print("flowdiff: no W&B credentials found, logging offline")  # news, not a problem
     return os.environ.get("WANDB_MODE", "online")
 
 
