@@ -308,6 +308,8 @@ QUIET = [
     r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
     # Lightning Fabric's all_gather (evaluate across ranks) calls a torch function since deprecated.
     r"torch.distributed.nn.functional.all_gather is deprecated",
+    # evaluate's KID keeps the features of one reference and one sample set: 128 numbers an image.
+    r"Metric `Kernel Inception Distance` will save all extracted features in buffer",
 ]
 
 
