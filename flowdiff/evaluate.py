@@ -67,7 +67,7 @@ def build_parser() -> ArgumentParser:
         "--nll-steps",
         type=PositiveInt | None,
         default=None,
-        help="RK4 steps of the likelihood ODE (default: 50 points, 20 images; 4 NFE a step).",
+        help="RK4 steps of the likelihood ODE (default: 50 points, 50 images; 4 NFE a step).",
     )
     add("--probes", type=PositiveInt, default=1, help="Hutchinson probes (images).")
     add("--data-dir", type=str | None, default=None, help="MNIST directory (default: the run's).")

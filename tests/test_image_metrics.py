@@ -304,6 +304,21 @@ def test_evaluate_on_mnist_reports_image_metrics_with_their_floor(
     floor = report["floor"]
     for key in ("fid", "kid_mean", "precision", "recall", "class_accuracy"):
         assert floor[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+    # Bits/dim by the protocol: the seeded test images, dequantised with seeded noise, through the
+    # ODE of the unconditional (null-label) field on the graded grid, seeded probes (one chunk).
+    from flowdiff.checkpoint import load_run
+    from flowdiff.evaluate import chunk_generator
+    from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
+
+    model = load_run(ckpt).model.eval()
+    pick = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(3_000_081))[:6]
+    x = dequantize(test[0][pick].unsqueeze(1), torch.Generator().manual_seed(3_000_082))
+    null = torch.full((6,), model.net.num_classes)
+    log_p = log_likelihood(
+        model.field(null), x.contiguous(memory_format=torch.channels_last), steps=2,
+        divergence="hutchinson", generator=chunk_generator(3_000_081, 0), grid_power=2.0,
+    ).log_prob  # fmt: skip
     assert report["likelihood"]["unit"] == "bits/dim"
-    assert math.isfinite(report["likelihood"]["bits_per_dim"])
+    expected_bpd = bits_per_dim(log_p.double(), 784).mean().item()
+    assert report["likelihood"]["bits_per_dim"] == pytest.approx(expected_bpd, rel=1e-5)
     assert info.path.name in json.dumps(report["protocol"])

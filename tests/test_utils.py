@@ -1,4 +1,4 @@
-"""utils.atomic_path: the one way flowdiff writes a file (checkpoints, samples, pictures, metrics)."""
+"""utils.atomic_path: the one way flowdiff writes a file (checkpoints, samples, metrics)."""
 
 import os
 
