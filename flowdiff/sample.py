@@ -174,12 +174,16 @@ def sample_main(argv: list[str]) -> Path:
         "seed": cfg.seed,
         "checkpoint": str(ckpt_path),
     }
-    # Both files appear together, each whole, or neither (an existing pair stays as it was).
+    # Each file appears whole; the samples only once the picture is written (an existing pair
+    # stays as it was if either fails).
+    from flowdiff.plots import save_figure
+
     title = f"{sampler.name}, {steps} steps (NFE {results[0].nfe})"
+    fig = make_picture(run, results, samples, y, scales, per_row, is_image, title)
     try:
-        with atomic_path(files["samples"]) as pt, atomic_path(files["picture"]) as png:
+        with atomic_path(files["samples"]) as pt:
             torch.save(payload, pt)
-            save_picture(png, run, results, samples, y, scales, per_row, is_image, title)
+            save_figure(fig, files["picture"])
     except OSError as err:
         raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")
@@ -188,9 +192,7 @@ def sample_main(argv: list[str]) -> Path:
     return out
 
 
-def save_picture(path, run, results, samples, y, scales, per_row, is_image, title) -> None:
-    import matplotlib.pyplot as plt
-
+def make_picture(run, results, samples, y, scales, per_row, is_image, title):
     from flowdiff.plots import image_grid, plot_image_grids, plot_labelled_points, plot_points
 
     names = [f"w = {w:g}" if w is not None else "" for w in scales]
@@ -206,7 +208,4 @@ def save_picture(path, run, results, samples, y, scales, per_row, is_image, titl
         else:
             panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
             fig = plot_labelled_points(panels, data, title=title)
-    try:
-        fig.savefig(path, format="png")  # a temporary name: no suffix to infer the format from
-    finally:
-        plt.close(fig)
+    return fig

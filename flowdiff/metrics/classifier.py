@@ -113,8 +113,9 @@ def cache_path(cache_dir: str | Path, protocol: dict) -> Path:
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 (N, 28, 28) or (N, 1, H, W) to float (N, 1, H, W) in [-1, 1]."""
-    images = images.unsqueeze(1) if images.dim() == 3 else images
-    return images.float().div(127.5).sub(1.0)
+    from flowdiff.data.mnist import pixels_to_float
+
+    return pixels_to_float(images.unsqueeze(1) if images.dim() == 3 else images)
 
 
 @torch.no_grad()
