@@ -1,11 +1,16 @@
-"""Training callbacks."""
+"""Training callbacks: EMA of the weights, the non-finite guard, validation samples."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Literal
+
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch import Tensor
 
+from flowdiff.plots import save_figure
 from flowdiff.utils import UsageError
 
 
@@ -49,3 +54,162 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must read (a non-finite loss, weights or a checkpoint
+    that cannot be written): the CLI prints it on one line and exits non-zero."""
+
+
+class NonFiniteGuard(Callback):
+    """What a non-finite (nan or inf) training loss does.
+
+    ``stop``: training stops with an error naming the step, before its update (the weights and
+    checkpoints stay finite). ``skip``: the update is skipped (the gradients are dropped, so the
+    optimizer leaves every weight and its state as they were; the step still counts in
+    ``trainer.global_step``), counted in ``train/skipped_batches``; ``max_skipped`` skips in a
+    row stop training all the same.
+
+    The loss is read on the host once an optimizer step (one sync); under DDP the ranks agree, so
+    all stop or skip together.
+
+    Args:
+        action: ``stop`` or ``skip``.
+        max_skipped: non-finite losses in a row that stop training even with ``skip``.
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skipped: int = 100):
+        if action not in ("stop", "skip"):
+            raise UsageError(f"nonfinite.action must be 'stop' or 'skip', got {action!r}")
+        if max_skipped < 1:
+            raise UsageError(f"nonfinite.max_skipped must be >= 1, got {max_skipped}")
+        self.action, self.max_skipped = action, max_skipped
+        self.skipped, self.in_a_row, self._bad_loss = 0, 0, None
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        if self._bad_loss is None and not bool(torch.isfinite(loss)):
+            self._bad_loss = float(loss.detach())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad, self._bad_loss = self._bad_loss, None
+        if trainer.strategy.reduce_boolean_decision(bad is None):
+            self.in_a_row = 0
+            return
+        step = trainer.global_step + 1  # the optimizer step this batch was for, counted from 1
+        if self.action == "skip" and self.in_a_row < self.max_skipped:
+            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient do not move
+            pl_module.log("train/skipped_batches", float(self.skipped))
+            if self.skipped == 1:
+                print(f"flowdiff: the loss is {bad} at step {step}: batch skipped "
+                      "(nonfinite.action=skip; later ones are counted in train/skipped_batches)",
+                      file=sys.stderr)  # fmt: skip
+            return
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        kept = f"last checkpoint kept: {last}" if Path(last).is_file() else "no checkpoint yet"
+        if self.action == "skip":
+            raise TrainingError(
+                f"training stopped: the loss is {bad} at step {step}, after {self.max_skipped} "
+                f"skipped batches in a row; {kept}. Lower the learning rate or set "
+                "--trainer.gradient_clip_val"
+            )
+        raise TrainingError(
+            f"training stopped: the loss is {bad} at step {step} (stopped before its update: the "
+            f"weights are those of step {step - 1}); {kept}. Lower the learning rate, set "
+            "--trainer.gradient_clip_val, or pass --nonfinite.action skip to skip such batches"
+        )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.skipped and trainer.is_global_zero:
+            print(f"flowdiff: skipped {self.skipped} batches with a non-finite loss")
+
+
+class ValidationSamples(Callback):
+    """At each validation (and test): samples, the data's cheap metrics and a picture.
+
+    An unconditional model draws ``num_samples`` samples (with trajectories where the data shows
+    them); a conditional one draws them for the data's labels at each scale of ``guidance`` (scales
+    other than 1 only when the model learned the unconditional field). The picture is written to
+    ``<run>/samples/<stage>_step<N>.png`` and logged to W&B.
+
+    Args:
+        num_samples: samples a picture (None: the data's choice, e.g. 2000 points or 8 images a
+            class).
+        guidance: guidance scales of a conditional model's pictures (default: 1 and 3 when the
+            data has label dropout, else 1; other scales without it are refused).
+    """
+
+    def __init__(self, num_samples: int | None = None, guidance: list[float] | None = None):
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+            raise UsageError(
+                f"validation.num_samples must be a positive integer, got {num_samples!r}"
+            )
+        if guidance is not None and any(w < 0 for w in guidance):
+            raise UsageError(f"validation.guidance scales must be >= 0, got {guidance}")
+        self.num_samples = num_samples
+        self.guidance = list(guidance) if guidance is not None else None
+
+    def check(self, model, datamodule) -> None:
+        """Refuse guidance scales the model cannot honour, before training starts."""
+        p_uncond = float(getattr(datamodule, "p_uncond", 0.0))
+        if self.guidance and any(w != 1.0 for w in self.guidance) and not p_uncond > 0:
+            raise UsageError(
+                f"validation.guidance {self.guidance}: scales other than 1 need the unconditional "
+                f"field, and this data has p_uncond = {p_uncond} (no label dropout); set "
+                "--data.init_args.p_uncond 0.1 or --validation.guidance [1]"
+            )
+
+    def scales(self, model) -> list[float]:
+        """The given scales, or 1 and 3 when the model learned the unconditional field, else 1."""
+        if self.guidance is not None:
+            return self.guidance
+        return [1.0, 3.0] if model.p_uncond > 0 else [1.0]
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._draw(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._draw(trainer, pl_module, "test")
+
+    def _draw(self, trainer, pl_module, stage: str) -> None:
+        evaluator_of = getattr(trainer.datamodule, "evaluator", None)
+        if trainer.sanity_checking or not trainer.is_global_zero or evaluator_of is None:
+            return
+        evaluator = evaluator_of()
+        n = self.num_samples or evaluator.validation_samples(pl_module.num_classes)
+        panels, trajectory, metrics = {}, None, {}
+        if pl_module.conditional:
+            y = evaluator.labels(n).to(pl_module.device)
+            for w in self.scales(pl_module):
+                x = pl_module.sample(n, y=y, guidance=w, generator=_seeded(1), batch_size=128).x
+                panels[f"w = {w:g}"] = (x.float().cpu(), y.cpu())
+        else:
+            result = pl_module.sample(
+                n, generator=_seeded(1), return_trajectory=evaluator.trajectories, batch_size=128
+            )
+            panels[""] = (result.x.float().cpu(), None)
+            trajectory = result.trajectory.float().cpu() if result.trajectory is not None else None
+            metrics = evaluator.validation_metrics(panels[""][0])
+        if metrics:
+            pl_module.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+        title = f"step {trainer.global_step}" + (
+            f"  W2 {metrics['w2']:.3f}" if "w2" in metrics else ""
+        )
+        fig = evaluator.figure(panels, trajectory, title)
+        out_dir = Path(trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        png = out_dir / f"{stage}_step{trainer.global_step:07d}.png"
+        save_figure(fig, png)
+        log_image = getattr(pl_module.logger, "log_image", None)
+        if callable(log_image):
+            log_image(key=f"{stage}/samples", images=[str(png)], step=trainer.global_step)
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

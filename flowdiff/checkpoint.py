@@ -26,7 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_module
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flowdiff.module import FlowModule, TrainingError
+from flowdiff.callbacks import TrainingError
+from flowdiff.config import build
+from flowdiff.module import FlowModule
 from flowdiff.utils import UsageError, atomic_path
 
 
@@ -79,17 +81,18 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UsageError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
     hparams = ckpt.get("hyper_parameters") or {}
-    if not {"net", "path", "objective", "sampler"} <= set(hparams):
+    if not {"net", "path", "objective"} <= set(hparams) or "data" not in ckpt:
         raise UsageError(
-            f"{str(path)!r} is not a self-describing flowdiff checkpoint (it was not written by "
-            "`flowdiff fit`: its hyperparameters do not name net, path, objective and sampler)"
+            f"{str(path)!r} is not a self-describing flowdiff checkpoint (its hyperparameters do "
+            "not name net, path and objective, or it records no data; it was not written by a "
+            "flowdiff FlowModule of this version)"
         )
     return ckpt
 
 
-def load_run(path: str | Path) -> LoadedRun:
+def load_run(path: str | Path, data_dir: str | None = None) -> LoadedRun:
     """The model with the checkpoint's weights (the EMA weights when training used EMA), in eval
-    mode, and its datamodule when the checkpoint describes one."""
+    mode, and the datamodule it was trained on (``data_dir`` replacing its own, if given)."""
     ckpt = read_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     try:
@@ -98,15 +101,30 @@ def load_run(path: str | Path) -> LoadedRun:
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             model = instantiate_module(FlowModule, hparams)
         model.load_state_dict(ckpt["state_dict"])
+        model.on_load_checkpoint(ckpt)
     except Exception as err:  # a checkpoint from another version or a damaged one
         raise UsageError(f"cannot rebuild the model from {str(path)!r}: {err}") from err
     model.eval()
-    datamodule = None
-    dm_hparams = ckpt.get("datamodule_hyper_parameters")
-    if dm_hparams and "_class_path" in dm_hparams:
-        dm_hparams = {k: v for k, v in dm_hparams.items() if k != "_instantiator"}
-        datamodule = instantiate_module(L.LightningDataModule, dm_hparams)
-    return LoadedRun(model, datamodule, ckpt)
+    return LoadedRun(model, build_datamodule(ckpt["data"], data_dir), ckpt)
+
+
+def build_datamodule(record: dict, data_dir: str | None = None) -> L.LightningDataModule | None:
+    """The datamodule a checkpoint's data record describes (None when it names none)."""
+    if not record.get("class_path"):
+        if data_dir is not None:
+            raise UsageError("--data-dir: this checkpoint names no datamodule")
+        return None
+    config = {"class_path": record["class_path"], "init_args": dict(record.get("init_args") or {})}
+    if data_dir is not None:
+        if "data_dir" not in config["init_args"]:
+            raise UsageError(f"--data-dir: {record['class_path']} takes no data_dir")
+        config["init_args"]["data_dir"] = data_dir
+    try:
+        return build(config)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"cannot rebuild the datamodule {record['class_path']}: {err}") from err
 
 
 def check_finite_weights(checkpoint: dict, path: str | Path) -> None:

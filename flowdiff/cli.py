@@ -1,21 +1,29 @@
-"""The ``flowdiff`` command: LightningCLI for fit/validate/test/predict, plus ``sample``."""
+"""The ``flowdiff`` command: LightningCLI for fit/validate/test/predict, plus ``sample`` and
+``evaluate``; one error line for bad input. Run directories are :mod:`flowdiff.runs`."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flowdiff.callbacks import EMA
+from flowdiff.callbacks import EMA, NonFiniteGuard, TrainingError, ValidationSamples
 from flowdiff.checkpoint import RunCheckpoint, SafeCheckpointIO, read_checkpoint
-from flowdiff.module import FlowModule, TrainingError
+from flowdiff.data.base import FlowDataModule
+from flowdiff.module import FlowModule
+from flowdiff.runs import (
+    SaveFitConfig,
+    check_run_dir,
+    check_writable,
+    clear_run_dir,
+    last_checkpoint,
+    wandb_logger,
+)
 from flowdiff.utils import UsageError, keep_freed_memory
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -49,34 +57,6 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def wandb_logger(save_dir: str):
-    """W&B logger under the run directory: online with credentials, otherwise offline."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from flowdiff.wandb_mode import choose_wandb_mode
-
-    class RunDirWandbLogger(WandbLogger):
-        # The directory is made when the W&B run starts (after the data is found), not when the
-        # trainer is built: a run refused before training leaves nothing behind.
-        @property
-        def experiment(self):
-            if self._experiment is None:
-                os.makedirs(save_dir, exist_ok=True)
-            return WandbLogger.experiment.fget(self)
-
-    choose_wandb_mode()
-    return RunDirWandbLogger(save_dir=save_dir, project="flowdiff", name=Path(save_dir).name)
-
-
-class SaveFitConfig(SaveConfigCallback):
-    """Write the resolved config into the run directory when training, and only then (a later
-    `flowdiff validate` or `test` on the same run must not replace the training config)."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
-
-
 class FlowdiffCLI(LightningCLI):
     """LightningCLI with flowdiff's run-directory, checkpoint, EMA and W&B conventions."""
 
@@ -86,7 +66,7 @@ class FlowdiffCLI(LightningCLI):
         kwargs["args"] = resolve_config_args(sys.argv[1:] if argv is None else list(argv))
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # guarded by check_run_dir
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("datamodule_class", L.LightningDataModule)
+        kwargs.setdefault("datamodule_class", FlowDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault(
             "parser_kwargs",
@@ -94,6 +74,9 @@ class FlowdiffCLI(LightningCLI):
                 "exit_on_error": False,
                 "prog": "flowdiff",
                 "description": "Train, sample and study flow-matching and diffusion models.",
+                "epilog": "flowdiff's own commands: "
+                + "; ".join(f"{name}: {text}" for name, text in EXTRA_SUBCOMMANDS.items())
+                + " Run `flowdiff sample --help` or `flowdiff evaluate --help` for their flags.",
             },
         )
         kwargs.setdefault("save_config_callback", SaveFitConfig)
@@ -111,6 +94,8 @@ class FlowdiffCLI(LightningCLI):
             help="Train into a run directory that already holds a run, deleting its checkpoints.",
         )
         parser.add_lightning_class_args(EMA, "ema")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(ValidationSamples, "validation")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments(
@@ -118,19 +103,12 @@ class FlowdiffCLI(LightningCLI):
             "checkpoint.dirpath",
             compute_fn=lambda root: os.path.join(root, "checkpoints"),
         )
-        parser.link_arguments("trainer.log_every_n_steps", "model.log_every_n_steps")
         parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
-    def _add_subcommands(self, parser, **kwargs) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        # List flowdiff's own subcommands in `flowdiff --help`; main() runs them.
-        action = parser._subcommands_action
-        for name, help_text in EXTRA_SUBCOMMANDS.items():
-            action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning's own reads the checkpoint's hyperparameters into the config. First make sure
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads the checkpoint's hyperparameters into the config next. First make sure
         # that the checkpoint exists and is a flowdiff checkpoint, read as data: a bad or unsafe
         # one is one clear line here, before anything is built or written.
         subcommand = self.config.get("subcommand")
@@ -148,7 +126,6 @@ class FlowdiffCLI(LightningCLI):
                 raise UsageError(f"--ckpt_path last: no checkpoint in {folder}")
         if ckpt_path and ckpt_path not in ("best", "hpc"):
             read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -159,6 +136,9 @@ class FlowdiffCLI(LightningCLI):
                     f"trainer.max_steps must be a positive integer (or -1: no limit), got "
                     f"{max_steps}"
                 )
+            every = config.trainer.log_every_n_steps
+            if every is not None and every < 1:
+                raise UsageError(f"trainer.log_every_n_steps must be positive, got {every}")
             check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
             check_writable(config.trainer.default_root_dir)
 
@@ -188,6 +168,9 @@ class FlowdiffCLI(LightningCLI):
         # Under DDP every rank runs this CLI (Lightning's launcher re-runs the command line;
         # torchrun and SLURM start each rank themselves), each before the ranks connect, and
         # nothing is written into the run directory until all have. Global rank 0 alone clears it.
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ValidationSamples):
+                callback.check(self.model, self.datamodule)
         config = self.config.fit
         if config.overwrite and config.ckpt_path is None and self.trainer.is_global_zero:
             clear_run_dir(config.trainer.default_root_dir)
@@ -212,44 +195,6 @@ def default_precision(accelerator) -> str:
     if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def check_run_dir(root: str, ckpt_path: str | None, overwrite: bool) -> None:
-    """Refuse to train into a directory holding an earlier run, unless resuming or overwriting."""
-    run = Path(root)
-    previous = run / "config.yaml"
-    if not previous.exists() or ckpt_path is not None:
-        return
-    if not overwrite:
-        raise UsageError(
-            f"run directory {run} already holds a run; resume it with --ckpt_path last, choose "
-            f"another with --trainer.default_root_dir DIR, or pass --overwrite true to replace it"
-        )
-
-
-def check_writable(root: str) -> None:
-    """Refuse a run directory that cannot be created or written, before any work starts."""
-    existing = Path(root).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"cannot create run directory {root}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write run directory {root}: {existing} is not writable")
-
-
-def last_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The checkpoint ``--ckpt_path last`` resumes: Lightning's choice, the newest ``last*.ckpt``
-    in the checkpoint folder (``last-v1.ckpt`` and the like too); None when there is none."""
-    candidates = [p for p in Path(folder).glob("last*.ckpt") if p.is_file()]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
-
-
-def clear_run_dir(root: str) -> None:
-    """With --overwrite: remove the earlier run's checkpoints and samples (after the config has
-    been checked and every class built, so a bad config loses nothing)."""
-    for name in ("checkpoints", "samples"):
-        shutil.rmtree(Path(root) / name, ignore_errors=True)
 
 
 def _innermost_reason(err: BaseException) -> str:
@@ -303,9 +248,6 @@ QUIET = [
     # Under DDP: the sample metrics are computed on rank 0 alone and logged with rank_zero_only.
     r"It is recommended to use `self.log\('(val|test)/(w2|mmd)', ..., sync_dist=True\)`",
     r'.*ckpt_path="last"\) is set, but there is no last checkpoint',  # said in flowdiff's words
-    # flowdiff's checkpoints hold the weights after the step, with the step count that goes with
-    # them: what resuming needs (Lightning suggests saving the weights before the step instead).
-    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
     # Lightning Fabric's all_gather (evaluate across ranks) calls a torch function since deprecated.
     r"torch.distributed.nn.functional.all_gather is deprecated",
     # evaluate's KID keeps the features of one reference and one sample set: 128 numbers an image.
@@ -356,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         if argv and argv[0] == "sample":
@@ -363,12 +306,13 @@ def main(argv: list[str] | None = None) -> None:
 
             sample_main(argv[1:])
         elif argv and argv[0] == "evaluate":
-            from flowdiff.evaluate import evaluate_main
+            from flowdiff.evaluate.command import evaluate_main
 
             evaluate_main(argv[1:])
         else:
             FlowdiffCLI(args=argv)
-    except (UsageError, ArgumentError) as err:
+    except (UsageError, ArgumentError, MisconfigurationException) as err:
+        # MisconfigurationException: a setting Lightning itself refuses, said in its words.
         if debug:
             raise
         message = _argument_error(err) if isinstance(err, ArgumentError) else _one_line(err)

@@ -11,11 +11,12 @@ from typing import Literal
 
 from torch import Tensor
 
+from flowdiff.config import Recorded
 from flowdiff.paths import GaussianConditionalPath, PathSample, Prediction
 from flowdiff.utils import UsageError
 
 
-class Objective:
+class Objective(Recorded):
     """Base class. ``prediction`` names what the network outputs: velocity, score or noise."""
 
     prediction: Prediction

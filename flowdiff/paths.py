@@ -13,10 +13,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flowdiff.schedules import ScheduleOutput, get_schedule
+from flowdiff.config import Recorded
+from flowdiff.schedules import Schedule, ScheduleOutput, get_schedule
 from flowdiff.utils import UsageError, expand_like
 
-ScheduleName = Literal["linear", "sqrt", "cosine"]
+ScheduleName = Literal["linear", "sqrt", "cosine"]  # the aliases of flowdiff.schedules.SCHEDULES
 Prediction = Literal["velocity", "score", "noise"]
 
 
@@ -31,11 +32,12 @@ class PathSample:
     coefficients: ScheduleOutput | None = None  # alpha_t, beta_t, ... at t, broadcast against z
 
 
-class GaussianConditionalPath:
+class GaussianConditionalPath(Recorded):
     """``x_t = alpha_t z + beta_t eps`` with ``eps ~ N(0, I)``, ``z ~ p_data``.
 
     Args:
-        schedule: name of the ``(alpha_t, beta_t)`` schedule: ``linear``, ``sqrt`` or ``cosine``.
+        schedule: the ``(alpha_t, beta_t)`` schedule: an object (``class_path`` in YAML) or the
+            alias of one: ``linear``, ``sqrt`` or ``cosine``.
         t_min: smallest time used for training and for conversions. Turning a score or noise
             prediction into a velocity divides by ``alpha_t``, which vanishes at t = 0.
         t_max: largest time used for training and for conversions. The conditional score
@@ -43,20 +45,22 @@ class GaussianConditionalPath:
     """
 
     def __init__(
-        self, schedule: ScheduleName = "linear", t_min: float = 1e-3, t_max: float = 0.999
+        self,
+        schedule: ScheduleName | Schedule = "linear",
+        t_min: float = 1e-3,
+        t_max: float = 0.999,
     ):
         if not 0.0 <= t_min < t_max <= 1.0:
             raise UsageError(
                 f"path needs 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}"
             )
-        self.schedule_name = schedule
         self.schedule = get_schedule(schedule)
         self.t_min = t_min
         self.t_max = t_max
 
     def __repr__(self) -> str:
         return (
-            f"GaussianConditionalPath(schedule={self.schedule_name!r}, "
+            f"GaussianConditionalPath(schedule={self.schedule!r}, "
             f"t_min={self.t_min}, t_max={self.t_max})"
         )
 

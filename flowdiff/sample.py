@@ -5,52 +5,53 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
-from flowdiff.samplers import SAMPLERS, get_sampler
+from flowdiff.flags import check_guidance, comma_lists, plain
+from flowdiff.samplers import with_args
 from flowdiff.utils import UsageError, atomic_path
+
+LIST_FLAGS = {"--guidance", "--labels"}
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="flowdiff sample",
-        description="Draw samples from a checkpoint (no --config needed).",
+        description="Draw samples from a checkpoint (no --config needed). The sampler is the "
+        "checkpoint's own, with all its arguments; the flags below override them.",
         exit_on_error=False,
     )
     add = parser.add_argument
     add("--ckpt", type=str, required=True, help="Checkpoint written by flowdiff fit.")
     add("--num-samples", type=PositiveInt, default=2000, help="Number of unconditional samples.")
     add(
-        "--steps",
-        type=PositiveInt | None,
-        default=None,
-        help="Integration steps (default: the training config's sampler).",
-    )
-    add(
         "--sampler",
         type=str | None,
         default=None,
-        help=f"One of {', '.join(sorted(SAMPLERS))} (default: the config's).",
+        help="Another sampler: euler, heun, midpoint, rk4, euler-maruyama, a class name or a "
+        "class path (default: the checkpoint's).",
     )
-    add("--sigma", type=NonNegativeFloat, default=1.0, help="Diffusion scale of euler-maruyama.")
+    add("--steps", type=PositiveInt | None, default=None, help="Integration steps.")
+    add("--sigma", type=NonNegativeFloat | None, default=None, help="Diffusion scale (SDE).")
     add(
         "--sigma-schedule",
-        type=str,
-        default="beta",
-        help="euler-maruyama: 'beta' (sigma_t = sigma beta_t) or 'constant'.",
+        type=Literal["beta", "constant"] | None,
+        default=None,
+        help="SDE: 'beta' (sigma_t = sigma beta_t) or 'constant'.",
     )
     add(
         "--guidance",
-        type=str | None,
+        type=list[NonNegativeFloat] | None,
         default=None,
         help="Classifier-free guidance scale w, or several: 1,3,5 (one grid per scale).",
     )
     add(
         "--labels",
-        type=str | None,
+        type=list[NonNegativeInt] | None,
         default=None,
         help="Labels to sample, e.g. 0,1,2 (default with --guidance: every class).",
     )
@@ -73,66 +74,40 @@ def build_parser() -> ArgumentParser:
         "--batch-size",
         type=PositiveInt | None,
         default=None,
-        help="Samples integrated at once (default: 128 images, or all points).",
+        help="Samples integrated at once (default: the data's: 128 images, 1000 points).",
     )
-    return parser
+    return parser  # fmt: skip
 
 
-def parse_list(text: str, kind: type, name: str) -> list:
-    """``"1,3,5"`` -> ``[1.0, 3.0, 5.0]``, with one clear error for anything else."""
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--{name} expects comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"--{name} is empty")
-    return values
-
-
-def plan_labels(cfg, model, is_image: bool) -> tuple[torch.Tensor | None, list, int]:
-    """The labels to condition on (None: unconditional), the guidance scales and samples a row."""
-    guidance = parse_list(cfg.guidance, float, "guidance") if cfg.guidance is not None else None
-    labels = parse_list(cfg.labels, int, "labels") if cfg.labels is not None else None
-    if guidance is None and labels is None:
-        return None, [None], cfg.num_samples
-    if not model.conditional:
-        raise UsageError(
-            "this model was trained without labels: --guidance and --labels need a model "
-            "whose network has a label embedding (num_classes > 0)"
-        )
-    if guidance is not None and any(w < 0 for w in guidance):
-        raise UsageError(f"guidance scales must be >= 0, got {cfg.guidance}")
-    num_classes = model.net.num_classes
-    labels = labels if labels is not None else list(range(num_classes))
-    bad = [k for k in labels if not 0 <= k < num_classes]
-    if bad:
-        raise UsageError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
-    per_class = cfg.per_class or (8 if is_image else max(cfg.num_samples // len(labels), 1))
-    y = torch.tensor(labels).repeat_interleave(per_class)
-    return y, guidance or [1.0], per_class
+def plan_labels(cfg, model, evaluator) -> tuple[torch.Tensor | None, list]:
+    """The labels to condition on (None: unconditional) and the guidance scales."""
+    check_guidance(model, cfg.guidance, cfg.labels)
+    if cfg.guidance is None and cfg.labels is None:
+        return None, [None]
+    labels = cfg.labels if cfg.labels is not None else list(range(model.net.num_classes))
+    per_class = cfg.per_class or evaluator.per_class or max(cfg.num_samples // len(labels), 1)
+    return torch.tensor(labels).repeat_interleave(per_class), list(cfg.guidance or [1.0])
 
 
 def sample_main(argv: list[str]) -> Path:
-    cfg = build_parser().parse_args(argv)
+    cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
+    cfg.guidance, cfg.labels = plain(cfg.guidance, float), plain(cfg.labels, int)
     from flowdiff.checkpoint import load_run
 
     ckpt_path = Path(cfg.ckpt)
     run = load_run(ckpt_path)
     model = run.model
-    is_image = len(model.data_shape) == 3
-    name = cfg.sampler or model.sampler.name
-    steps = cfg.steps or model.sampler.steps
-    extra = {}
-    if name == "euler-maruyama":
-        extra = {"sigma": cfg.sigma, "sigma_schedule": cfg.sigma_schedule}
-    sampler = get_sampler(name, steps, **extra)
-    y, scales, per_row = plan_labels(cfg, model, is_image)
+    sampler = with_args(
+        model.sampler, cfg.sampler, steps=cfg.steps, sigma=cfg.sigma,
+        sigma_schedule=cfg.sigma_schedule,
+    )  # fmt: skip
+    if run.datamodule is None:
+        raise UsageError(f"{str(ckpt_path)!r} records no datamodule (nothing says what to draw)")
+    evaluator = run.datamodule.evaluator()
+    y, scales = plan_labels(cfg, model, evaluator)
 
-    out = (
-        Path(cfg.out)
-        if cfg.out
-        else (ckpt_path.resolve().parent.parent / "samples" / f"{name}-{steps}steps-seed{cfg.seed}")
-    )
+    default = ckpt_path.resolve().parent.parent / "samples" / f"{sampler.label}-seed{cfg.seed}"
+    out = Path(cfg.out) if cfg.out else default
     files = {"samples": out / "samples.pt", "picture": out / "samples.png"}
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not cfg.overwrite:
@@ -146,6 +121,7 @@ def sample_main(argv: list[str]) -> Path:
 
     model.to(torch.device(cfg.device))
     n = len(y) if y is not None else cfg.num_samples
+    trajectory = evaluator.trajectories and y is None
     results, start = [], time.perf_counter()
     for w in scales:
         # The same initial noise for every scale, so the grids compare point by point.
@@ -158,28 +134,31 @@ def sample_main(argv: list[str]) -> Path:
                 y=y_dev,
                 guidance=w,
                 generator=generator,
-                return_trajectory=not is_image and y is None,
-                batch_size=cfg.batch_size or (128 if is_image else None),
+                return_trajectory=trajectory,
+                batch_size=cfg.batch_size or evaluator.chunk_size,
                 progress=True,
-            )
+            )  # fmt: skip
         )
     seconds = time.perf_counter() - start
     samples = torch.stack([r.x.float().cpu() for r in results])
+    nfe = max(r.nfe for r in results)
     payload = {
         "samples": samples[0] if y is None else samples,
         "labels": y,
         "guidance": scales if y is not None else None,
-        "nfe": results[0].nfe,
+        "nfe": nfe,
         "sampler": repr(sampler),
         "seed": cfg.seed,
         "checkpoint": str(ckpt_path),
     }
+    names = [f"w = {w:g}" if w is not None else "" for w in scales]
+    panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
+    path = results[0].trajectory.float().cpu() if trajectory else None
+    fig = evaluator.figure(panels, path, title=f"{sampler!r} (NFE {nfe})")
     # Each file appears whole; the samples only once the picture is written (an existing pair
     # stays as it was if either fails).
     from flowdiff.plots import save_figure
 
-    title = f"{sampler.name}, {steps} steps (NFE {results[0].nfe})"
-    fig = make_picture(run, results, samples, y, scales, per_row, is_image, title)
     try:
         with atomic_path(files["samples"]) as pt:
             torch.save(payload, pt)
@@ -187,25 +166,6 @@ def sample_main(argv: list[str]) -> Path:
     except OSError as err:
         raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")
-    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {results[0].nfe})")
+    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {nfe})")
     print(f"flowdiff: wrote {files['samples']} and {files['picture']}")
     return out
-
-
-def make_picture(run, results, samples, y, scales, per_row, is_image, title):
-    from flowdiff.plots import image_grid, plot_image_grids, plot_labelled_points, plot_points
-
-    names = [f"w = {w:g}" if w is not None else "" for w in scales]
-    if is_image:
-        grids = {name: image_grid(s, nrow=per_row) for name, s in zip(names, samples, strict=True)}
-        fig = plot_image_grids(grids, title=title)
-    else:
-        data = None
-        if run.datamodule is not None and hasattr(run.datamodule, "reference"):
-            data, _ = run.datamodule.reference(samples.shape[1], seed=12345)
-        if y is None:
-            fig = plot_points(samples[0], data, results[0].trajectory.float().cpu(), title=title)
-        else:
-            panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
-            fig = plot_labelled_points(panels, data, title=title)
-    return fig

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowdiff.utils import UsageError
+from flowdiff.config import Recorded, resolve
 
 
 @dataclass
@@ -24,8 +24,9 @@ class ScheduleOutput:
     d_beta_t: Tensor
 
 
-class Schedule:
-    """Base class: ``schedule(t) -> ScheduleOutput``."""
+class Schedule(Recorded):
+    """Base class: ``schedule(t) -> ScheduleOutput``. Choose one by ``class_path`` in YAML, by
+    class name, or by its alias (:data:`SCHEDULES`: ``linear``, ``sqrt``, ``cosine``)."""
 
     name: str = ""
 
@@ -82,8 +83,9 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
-def get_schedule(name: str) -> Schedule:
-    """The schedule called ``name`` (one of ``SCHEDULES``)."""
-    if name not in SCHEDULES:
-        raise UsageError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name]()
+def get_schedule(schedule: str | Schedule) -> Schedule:
+    """A schedule object as it is, or the one ``schedule`` names (an alias of ``SCHEDULES``, a
+    class name or a class path)."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    return resolve(schedule, Schedule, SCHEDULES)()

@@ -32,7 +32,7 @@ def test_last_checkpoint_is_written_at_every_validation(tmp_path, run_cli):
         "fit", "--config", "toy.yaml", "--trainer.default_root_dir", root,
         "--trainer.logger", "false", "--model.net.init_args.hidden", "16",
         "--trainer.max_steps", "120", "--trainer.val_check_interval", "50",
-        "--model.val_num_samples", "100", "--trainer.callbacks", json.dumps([callback]),
+        "--validation.num_samples", "100", "--trainer.callbacks", json.dumps([callback]),
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(probe.read_text()) == {"30": None, "60": 50, "110": 100}

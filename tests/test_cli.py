@@ -18,7 +18,7 @@ TINY = [
     "30",
     "--data.init_args.batch_size",
     "64",
-    "--model.val_num_samples",
+    "--validation.num_samples",
     "200",
 ]
 
@@ -130,8 +130,8 @@ def test_guided_sampling_of_a_conditional_model(toy_runs, tmp_path, run_cli):
     [
         ("toy", ["--guidance", "3"], "trained without labels"),
         ("toy", ["--labels", "0"], "trained without labels"),
-        ("toy_cfg", ["--guidance", "-1"], "guidance scales must be >= 0"),
-        ("toy_cfg", ["--guidance", "1,x"], "comma-separated numbers"),
+        ("toy_cfg", ["--guidance", "-1"], "guidance: expected a non-negative number"),
+        ("toy_cfg", ["--guidance", "1,x"], "guidance: Not of type NonNegativeFloat"),
         ("toy_cfg", ["--labels", "0,8"], "outside the model's classes 0..7"),
     ],
 )
@@ -223,7 +223,7 @@ def test_validate_and_test_subcommands(toy_runs, run_cli, subcommand):
         "false",
         "--trainer.default_root_dir",
         root,
-        "--model.val_num_samples",
+        "--validation.num_samples",
         "200",
         "--ckpt_path",
         root / "checkpoints" / "last.ckpt",
@@ -281,12 +281,12 @@ def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
         ("good", ["--num-samples", "0"], "num_samples"),
         ("good", ["--num-samples", "-5"], "num_samples"),
         ("good", ["--steps", "0"], "steps"),
-        ("good", ["--sampler", "rk4"], "unknown sampler 'rk4'"),
+        ("good", ["--sampler", "rk5"], "unknown sampler 'rk5'"),
         ("good", ["--sigma", "-1"], "sigma"),
         (
             "good",
             ["--sampler", "euler-maruyama", "--sigma-schedule", "cubic"],
-            "unknown sigma_schedule",
+            "sigma_schedule: Expected",
         ),
     ],
 )

@@ -27,7 +27,7 @@ TINY = [
     "--trainer.val_check_interval", "10",
     "--data.init_args.batches_per_epoch", str(STEPS),
     "--data.init_args.batch_size", str(BATCH),
-    "--model.val_num_samples", "200",
+    "--validation.num_samples", "200",
 ]  # fmt: skip
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 

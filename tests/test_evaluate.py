@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from flowdiff.checkpoint import load_run
-from flowdiff.evaluate import chunk_generator
+from flowdiff.data.evaluators import BANDWIDTHS, FLOOR_SEED, NLL_SEED, REFERENCE_SEED
+from flowdiff.evaluate.sharding import chunk_generator
 from flowdiff.likelihood import log_likelihood
 from flowdiff.metrics.points import mmd, wasserstein2
-from flowdiff.metrics.suites import BANDWIDTHS, FLOOR_SEED, NLL_SEED, REFERENCE_SEED
-from flowdiff.samplers import get_sampler
+from flowdiff.samplers import RK4Sampler, get_sampler
 
 TINY = [
     "--trainer.max_steps", "20",
@@ -22,7 +22,7 @@ TINY = [
     "--trainer.logger", "false",
     "--data.init_args.batches_per_epoch", "20",
     "--data.init_args.batch_size", "64",
-    "--model.val_num_samples", "100",
+    "--validation.num_samples", "100",
     "--model.net.init_args.hidden", "32",
 ]  # fmt: skip
 CONDITIONAL = [
@@ -73,7 +73,7 @@ def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
     assert code == 0, err
     report = json.loads((out / "metrics.json").read_text())
     rows = report["rows"]
-    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+    assert [(r["name"], r["steps"], r["nfe"]) for r in rows] == [
         ("euler", 2, 2),
         ("euler", 5, 5),
         ("heun", 2, 3),
@@ -83,7 +83,7 @@ def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
     dm, n = run.datamodule, 120
     reference = dm.reference(n, REFERENCE_SEED)[0]
     for r in rows:
-        expected = expected_row(run.model, r["steps"], r["sampler"], n, 50, 3, reference)
+        expected = expected_row(run.model, r["steps"], r["name"], n, 50, 3, reference)
         assert r["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
         assert r["guidance"] is None and r["seconds"] >= 0
     floor = {
@@ -95,7 +95,10 @@ def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
     x = dm.reference(60, NLL_SEED)[0]
     parts = [
         log_likelihood(
-            run.model.field(), x[lo : lo + 50], steps=3, generator=chunk_generator(NLL_SEED, c)
+            run.model.field(),
+            x[lo : lo + 50],
+            solver=RK4Sampler(3),
+            generator=chunk_generator(NLL_SEED, c),
         ).log_prob
         for c, lo in enumerate(range(0, 60, 50))
     ]
@@ -161,9 +164,9 @@ def test_refuses_to_overwrite(toy_ckpts, run_cli, tmp_path):
     "run, args, message",
     [
         ("toy", ["--guidance", "3"], "trained without labels"),
-        ("toy_cfg", ["--guidance", "-1"], "must be >= 0"),
+        ("toy_cfg", ["--guidance", "-1"], "expected a non-negative number"),
         ("toy", ["--steps", "0"], "positive"),
-        ("toy", ["--steps", "ten"], "comma-separated numbers"),
+        ("toy", ["--steps", "ten"], "steps: Not of type PositiveInt"),
         ("toy", ["--sampler", "rk45"], "unknown sampler"),
         ("toy", ["--num-samples", "0"], "num_samples: expected a positive integer"),
         ("toy", ["--batch-size", "-2"], "batch_size: expected a positive integer"),

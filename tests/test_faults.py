@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import flowdiff.checkpoint
+from flowdiff.callbacks import TrainingError
 from flowdiff.checkpoint import RunCheckpoint, SafeCheckpointIO, check_finite_weights
 from flowdiff.data.toy import ToyDataModule
-from flowdiff.module import TrainingError
 from flowdiff.utils import UsageError
 
 HERE = Path(__file__).parent
@@ -332,7 +332,7 @@ def test_nan_loss_stops_before_its_update(tmp_path, run_cli):
     assert lines[0] == (
         "flowdiff: error: training stopped: the loss is nan at step 7 (stopped before its update: "
         f"the weights are those of step 6); last checkpoint kept: {last}. Lower the learning rate, "
-        "set --model.gradient_clip_val, or pass --model.nonfinite skip to skip such batches"
+        "set --trainer.gradient_clip_val, or pass --nonfinite.action skip to skip such batches"
     )
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 6 and all_finite(ckpt)
@@ -351,34 +351,35 @@ def test_nan_loss_before_any_checkpoint(tmp_path, run_cli):
 def test_nan_loss_skipped(tmp_path, run_cli):
     root = tmp_path / "run"
     code, out, err = run_cli(*nan_run(root, "--trainer.max_steps", "12", "--data.init_args.nan_at",
-                                      "[5, 9, 10]", "--model.nonfinite", "skip"))  # fmt: skip
+                                      "[5, 9, 10]", "--nonfinite.action", "skip"))  # fmt: skip
     assert code == 0, err
     assert err.strip().splitlines() == [
-        "flowdiff: the loss is nan at step 5: batch skipped (model.nonfinite=skip; later ones are "
+        "flowdiff: the loss is nan at step 5: batch skipped (nonfinite.action=skip; later ones are "
         "counted in train/skipped_batches)"
     ]
     assert "flowdiff: skipped 3 batches with a non-finite loss" in out
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 12  # 15 batches: 12 updates, 3 skipped
-    assert ckpt["skipped_batches"] == 3
+    assert ckpt["global_step"] == 12  # 12 steps, 3 of them skipped (no gradient: no weight moved)
+    guard = [v for k, v in ckpt["callbacks"].items() if k.startswith("NonFiniteGuard")]
+    assert guard == [{"skipped": 3}]
     assert all_finite(ckpt)
 
 
 def test_skipping_forever_stops(tmp_path, run_cli):
-    from flowdiff.module import MAX_SKIPPED_IN_A_ROW
+    MAX_SKIPPED_IN_A_ROW = 100  # NonFiniteGuard's default
 
     root = tmp_path / "run"
     code, _, err = run_cli(*nan_run(root, "--trainer.max_steps", "500", "--data.init_args.nan_from",
-                                    "4", "--model.nonfinite", "skip"))  # fmt: skip
+                                    "4", "--nonfinite.action", "skip"))  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 1
     assert lines[0].startswith("flowdiff: the loss is nan at step 4: batch skipped")
     assert len(lines) == 2 and lines[1].startswith(
-        f"flowdiff: error: training stopped: the loss is nan at step 4, after "
+        f"flowdiff: error: training stopped: the loss is nan at step 104, after "
         f"{MAX_SKIPPED_IN_A_ROW} skipped batches in a row; last checkpoint kept: "
     )
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2 and all_finite(ckpt)
+    assert ckpt["global_step"] == 102 and all_finite(ckpt)  # skipped steps count as steps
 
 
 # -- d. checkpoints whose pickle would run code ----------------------------------------------------

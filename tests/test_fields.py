@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from flowdiff.fields import GaussianMixtureField, ModelField, guide
+from flowdiff.fields import ModelField, guide
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.schedules import SCHEDULES
+from flowdiff.testing import GaussianMixtureField
 from flowdiff.utils import UsageError
 
 NAMES = sorted(SCHEDULES)

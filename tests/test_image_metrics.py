@@ -12,7 +12,6 @@ from test_mnist_data import write_fake_mnist
 from torch import nn
 
 from flowdiff.metrics import classifier as clf_module
-from flowdiff.metrics import suites
 from flowdiff.metrics.images import (
     ImageMetrics,
     check_inception,
@@ -20,6 +19,7 @@ from flowdiff.metrics.images import (
     frechet_distance,
     kernel_distance,
     precision_recall,
+    quantize,
 )
 from flowdiff.utils import UsageError
 
@@ -107,8 +107,14 @@ def test_precision_recall_on_a_line():
     assert precision_recall(real, real, k=3) == (1.0, 1.0)
 
 
+def level(v) -> torch.Tensor:
+    """The float of 8-bit level ``v`` (the data's pixel map)."""
+    return torch.as_tensor(v, dtype=torch.float32) / 127.5 - 1
+
+
 class LabelFromPixel(nn.Module):
-    """A stub classifier: predicts the class written in pixel (0, 0); features are the pixels."""
+    """A stub classifier: predicts the 8-bit level (mod 10) of pixel (0, 0), read by truncation,
+    so that noise below a level changes it; features are the pixels."""
 
     def __init__(self):
         super().__init__()
@@ -118,15 +124,16 @@ class LabelFromPixel(nn.Module):
         return x.flatten(1).double()
 
     def forward(self, x):
-        return nn.functional.one_hot(x[:, 0, 0, 0].round().long(), 10).float()
+        v = ((x[:, 0, 0, 0].double() + 1) * 127.5 + 1e-3).floor().long()
+        return nn.functional.one_hot(v % 10, 10).float()
 
 
 def test_class_accuracy_overall_and_per_class():
     labels = torch.arange(40) % 10
     predicted = labels.clone()
     predicted[[0, 10, 3]] = 9  # two misses in class 0, one in class 3
-    images = torch.zeros(40, 1, 4, 4)
-    images[:, 0, 0, 0] = predicted.float()
+    images = torch.full((40, 1, 4, 4), -1.0)
+    images[:, 0, 0, 0] = level(predicted)
     out = class_accuracy(LabelFromPixel(), images, labels)
     assert out["class_accuracy"] == pytest.approx(37 / 40)
     expected = [0.5, 1, 1, 0.75, 1, 1, 1, 1, 1, 1]
@@ -138,17 +145,61 @@ def test_class_accuracy_overall_and_per_class():
 def test_image_metrics_combine_the_parts():
     g = torch.Generator().manual_seed(6)
     real = torch.rand(200, 1, 4, 4, generator=g)
-    real[:, 0, 0, 0] = (torch.arange(200) % 10).float()
+    real[:, 0, 0, 0] = level(torch.arange(200) % 10)
     fake = real.clone()[:120]
     fake[:, :, 1:] += 0.1 * torch.randn(120, 1, 3, 4, generator=g)
     metrics = ImageMetrics(LabelFromPixel(), real)
     out = metrics.compare(fake, torch.arange(120) % 10)
-    r, f = real.flatten(1).double(), fake.flatten(1).double()
+    r, f = quantize(real).flatten(1).double(), quantize(fake).flatten(1).double()
     assert out["fid"] == pytest.approx(frechet_distance(r, f), rel=1e-12)
     assert (out["kid_mean"], out["kid_std"]) == pytest.approx(kernel_distance(r, f))
     assert (out["precision"], out["recall"]) == precision_recall(r[:120], f)
     assert out["class_accuracy"] == 1.0
     assert "class_accuracy" not in metrics.compare(fake)
+
+
+def test_quantize_maps_onto_the_data_pixel_levels():
+    from flowdiff.data.mnist import pixels_to_float
+
+    levels = pixels_to_float(torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(quantize(levels), levels)
+    g = torch.Generator().manual_seed(7)
+    noise = (2 * torch.rand(256, 100, generator=g) - 1) * 0.49 / 127.5  # below half a level
+    assert torch.equal(quantize(levels[:, None] + noise), levels[:, None].expand(-1, 100))
+    outside = torch.tensor([-7.0, -1.001, -1.0, 1.0, 1.001, 3.0])
+    assert quantize(outside).tolist() == [-1, -1, -1, 1, 1, 1]
+
+
+def on_levels(n: int, seed: int) -> torch.Tensor:
+    """Images (n, 1, 4, 4) on 8-bit levels, a fifth of the pixels at -1 and a fifth at 1, and
+    the label n mod 10 as the level of pixel (0, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(0, 256, (n, 1, 4, 4), generator=g)
+    u = torch.rand(n, 1, 4, 4, generator=g)
+    v[u < 0.2], v[u > 0.8] = 0, 255
+    v[:, 0, 0, 0] = torch.arange(n) % 10
+    return level(v)
+
+
+def perturb(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noise below half a level everywhere; pixels at -1 or 1 pushed out of [-1, 1] by up to 2."""
+    g = torch.Generator().manual_seed(seed)
+    out = images + (2 * torch.rand(images.shape, generator=g) - 1) * 0.49 / 127.5
+    push = 2 * torch.rand(images.shape, generator=g)
+    return torch.where(images.abs() == 1, images + images.sign() * push, out)
+
+
+def test_image_metrics_see_images_on_8_bit_levels():
+    """Sub-level noise and values outside [-1, 1] change nothing, in samples or reference."""
+    real, fake, labels = on_levels(200, 8), on_levels(120, 9), torch.arange(120) % 10
+    out = ImageMetrics(LabelFromPixel(), real).compare(fake, labels)
+    noisy_real, noisy_fake = perturb(real, 10), perturb(fake, 11)
+    assert ImageMetrics(LabelFromPixel(), noisy_real).compare(noisy_fake, labels) == out
+    assert class_accuracy(LabelFromPixel(), noisy_fake, labels)["class_accuracy"] == 1.0
+    # The perturbation is visible to anything that does not quantise:
+    assert noisy_fake.min() < -1 and noisy_fake.max() > 1
+    assert (noisy_fake[:, 0, 0, 0] < fake[:, 0, 0, 0]).any()  # a truncated label drops
+    assert frechet_distance(real.flatten(1).double(), noisy_fake.flatten(1).double()) != out["fid"]
 
 
 # --- the classifier and its cache -------------------------------------------------------------
@@ -265,7 +316,7 @@ def mnist_run(tmp_path_factory):
 def test_evaluate_on_mnist_reports_image_metrics_with_their_floor(
     mnist_run, run_cli, tmp_path, monkeypatch, quick_training
 ):
-    monkeypatch.setattr(suites, "CLASSIFIER_MIN_ACCURACY", 0.0)  # fake data: random pixels
+    monkeypatch.setattr(clf_module, "MIN_ACCURACY", 0.0)  # fake data: random pixels
     data_dir, ckpt = mnist_run
     cache, out = tmp_path / "cache", tmp_path / "eval"
     args = ["evaluate", "--ckpt", ckpt, "--num-samples", 20, "--steps", "2", "--guidance", "0,2"]
@@ -275,7 +326,7 @@ def test_evaluate_on_mnist_reports_image_metrics_with_their_floor(
     assert code == 0, err
     report = json.loads((out / "metrics.json").read_text())
     rows = report["rows"]
-    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
+    assert [(r["name"], r["steps"], r["guidance"]) for r in rows] == [
         ("euler", 2, 0.0),
         ("euler", 2, 2.0),
     ]
@@ -307,17 +358,22 @@ def test_evaluate_on_mnist_reports_image_metrics_with_their_floor(
     # Bits/dim by the protocol: the seeded test images, dequantised with seeded noise, through the
     # ODE of the unconditional (null-label) field on the graded grid, seeded probes (one chunk).
     from flowdiff.checkpoint import load_run
-    from flowdiff.evaluate import chunk_generator
-    from flowdiff.likelihood import bits_per_dim, dequantize, log_likelihood
+    from flowdiff.evaluate.sharding import chunk_generator
+    from flowdiff.likelihood import log_likelihood
+    from flowdiff.metrics.pixels import bits_per_dim, dequantize
+    from flowdiff.samplers import PowerGrid, RK4Sampler
 
     model = load_run(ckpt).model.eval()
     pick = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(3_000_081))[:6]
     x = dequantize(test[0][pick].unsqueeze(1), torch.Generator().manual_seed(3_000_082))
     null = torch.full((6,), model.net.num_classes)
     log_p = log_likelihood(
-        model.field(null), x.contiguous(memory_format=torch.channels_last), steps=2,
-        divergence="hutchinson", generator=chunk_generator(3_000_081, 0), grid_power=2.0,
-    ).log_prob  # fmt: skip
+        model.field(null),
+        x.contiguous(memory_format=torch.channels_last),
+        solver=RK4Sampler(2, PowerGrid(2.0)),
+        divergence="hutchinson",
+        generator=chunk_generator(3_000_081, 0),
+    ).log_prob
     assert report["likelihood"]["unit"] == "bits/dim"
     expected_bpd = bits_per_dim(log_p.double(), 784).mean().item()
     assert report["likelihood"]["bits_per_dim"] == pytest.approx(expected_bpd, rel=1e-5)

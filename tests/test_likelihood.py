@@ -10,16 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from flowdiff.fields import Field, GaussianMixtureField, ModelField
-from flowdiff.likelihood import (
-    PIXEL_SCALE,
-    LikelihoodResult,
-    bits_per_dim,
-    dequantize,
-    log_likelihood,
-)
+from flowdiff.fields import Field, ModelField
+from flowdiff.likelihood import LikelihoodResult, log_likelihood
+from flowdiff.metrics.pixels import PIXEL_SCALE, bits_per_dim, dequantize
 from flowdiff.paths import GaussianConditionalPath
+from flowdiff.samplers import PowerGrid, RK4Sampler
 from flowdiff.schedules import SCHEDULES
+from flowdiff.testing import GaussianMixtureField
 from flowdiff.utils import UsageError
 
 NAMES = sorted(SCHEDULES)
@@ -75,7 +72,7 @@ class CountingField(Field):
 def test_exact_divergence_gives_mixture_log_density(name, mixture):
     field = mixture_field(name, mixture)
     x, _ = field.sample(64, generator=torch.Generator().manual_seed(0))
-    result = log_likelihood(field, x, steps=64, t_start=0.0)
+    result = log_likelihood(field, x, solver=RK4Sampler(64), t_start=0.0)
     assert isinstance(result, LikelihoodResult)
     assert result.log_prob.shape == (64,) and result.log_prob.dtype == DTYPE
     assert result.x_0.shape == x.shape and result.nfe == 4 * 64
@@ -91,7 +88,7 @@ def test_graded_grid_gives_mixture_log_density(name, power):
     """A grid whose steps shrink towards t = 1 is still RK4 on every step: the same accuracy."""
     field = mixture_field(name, "three")
     x, _ = field.sample(64, generator=torch.Generator().manual_seed(0))
-    result = log_likelihood(field, x, steps=64, t_start=0.0, grid_power=power)
+    result = log_likelihood(field, x, solver=RK4Sampler(64, PowerGrid(power)), t_start=0.0)
     torch.testing.assert_close(result.log_prob, field.log_prob(x, 1.0), rtol=0, atol=1e-4)
 
 
@@ -101,7 +98,10 @@ def test_error_falls_at_fourth_order(name):
     x, _ = field.sample(32, generator=torch.Generator().manual_seed(1))
     exact = field.log_prob(x, 1.0)
     errors = [
-        (log_likelihood(field, x, steps=n, t_start=0.0).log_prob - exact).abs().max().item()
+        (log_likelihood(field, x, solver=RK4Sampler(n), t_start=0.0).log_prob - exact)
+        .abs()
+        .max()
+        .item()
         for n in (16, 32, 64, 128)
     ]
     for coarse, fine in zip(errors, errors[1:], strict=False):
@@ -116,7 +116,7 @@ def test_x_0_is_the_inverse_flow_of_one_gaussian():
     field = GaussianMixtureField(exact_path("cosine"), [1.0], mu, [s])
     x = mu + s * torch.randn(16, 2, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
     steps = 32
-    result = log_likelihood(field, x, steps=steps, t_start=0.0)
+    result = log_likelihood(field, x, solver=RK4Sampler(steps), t_start=0.0)
     tol = (1 / steps) ** 4  # RK4: C h^4 with C of order 1 for this smooth 2D field
     torch.testing.assert_close(result.x_0, (x - mu) / s, rtol=0, atol=tol)
     torch.testing.assert_close(result.log_prob, gaussian_log_prob(x, mu, s), rtol=0, atol=tol)
@@ -127,7 +127,7 @@ def test_partial_interval_gives_log_p_t():
     field = mixture_field("linear", "two")
     t_end = 0.6
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
-    result = log_likelihood(field, x, steps=64, t_start=0.0, t_end=t_end)
+    result = log_likelihood(field, x, solver=RK4Sampler(64), t_start=0.0, t_end=t_end)
     torch.testing.assert_close(result.log_prob, field.log_prob(x, t_end), rtol=0, atol=1e-6)
 
 
@@ -136,7 +136,9 @@ def test_evaluations_on_the_rk4_grid_backward_in_time(power):
     steps, t_start, t_end = 5, 0.2, 0.9
     field = CountingField(mixture_field("cosine", "three"))
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
-    result = log_likelihood(field, x, steps=steps, t_start=t_start, t_end=t_end, grid_power=power)
+    result = log_likelihood(
+        field, x, solver=RK4Sampler(steps, PowerGrid(power)), t_start=t_start, t_end=t_end
+    )
     grid = [t_end + (t_start - t_end) * (i / steps) ** power for i in range(steps + 1)]
     expected = []
     for t, t_next in zip(grid, grid[1:], strict=False):
@@ -149,7 +151,7 @@ def test_t_start_defaults_to_path_t_min():
     path = GaussianConditionalPath("linear", t_min=0.05, t_max=0.95)
     field = CountingField(GaussianMixtureField(path, *MIXTURES["two"]))
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
-    log_likelihood(field, x, steps=3)
+    log_likelihood(field, x, solver=RK4Sampler(3))
     assert field.times[0] == pytest.approx(1.0) and field.times[-1] == pytest.approx(0.05)
 
 
@@ -180,7 +182,7 @@ def test_model_field_against_linear_flow():
     x = torch.randn(8, 3, generator=g, dtype=DTYPE)
     steps, duration = 16, 1.0 - path.t_min
     with torch.no_grad():  # the divergence needs autograd all the same
-        result = log_likelihood(field, x, steps=steps)
+        result = log_likelihood(field, x, solver=RK4Sampler(steps))
     # The RK4 map, backward (h < 0), applied ``steps`` times.
     m = -a * duration / steps
     one_step = sum(torch.linalg.matrix_power(m, k) / math.factorial(k) for k in range(5))
@@ -197,12 +199,12 @@ def test_model_field_against_linear_flow():
 def test_same_result_under_no_grad_and_inference_mode():
     field = mixture_field("linear", "three")
     x, _ = field.sample(8, generator=torch.Generator().manual_seed(7))
-    free = log_likelihood(field, x, steps=4, t_start=0.0).log_prob
+    free = log_likelihood(field, x, solver=RK4Sampler(4), t_start=0.0).log_prob
     with torch.no_grad():
-        no_grad = log_likelihood(field, x, steps=4, t_start=0.0).log_prob
+        no_grad = log_likelihood(field, x, solver=RK4Sampler(4), t_start=0.0).log_prob
     with torch.inference_mode():
         x_inference = x.clone()
-        inference = log_likelihood(field, x_inference, steps=4, t_start=0.0).log_prob
+        inference = log_likelihood(field, x_inference, solver=RK4Sampler(4), t_start=0.0).log_prob
     torch.testing.assert_close(no_grad, free, rtol=0, atol=0)
     torch.testing.assert_close(inference, free, rtol=0, atol=0)
 
@@ -210,9 +212,7 @@ def test_same_result_under_no_grad_and_inference_mode():
 def test_float32_images_keep_their_dtype():
     field32 = GaussianMixtureField(exact_path("linear"), [1.0], torch.zeros(1, 1, 3, 3), [0.5])
     x = 0.5 * torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(16))
-    result = log_likelihood(
-        field32, x, steps=16, t_start=0.0, divergence="hutchinson", progress=True
-    )
+    result = log_likelihood(field32, x, solver=RK4Sampler(16), t_start=0.0, divergence="hutchinson")
     assert result.log_prob.dtype == result.x_0.dtype == torch.float32
     expected = gaussian_log_prob(x.double(), 0.0, 0.5).float()
     torch.testing.assert_close(result.log_prob, expected, rtol=1e-5, atol=1e-4)
@@ -229,15 +229,19 @@ def test_rademacher_exact_for_isotropic_gaussian(name):
     field = GaussianMixtureField(exact_path(name), [1.0], mu, [s])
     x = mu + s * torch.randn(6, 1, 4, 4, generator=g, dtype=DTYPE)
     steps, d = 32, 16
-    exact = log_likelihood(field, x, steps=steps, t_start=0.0)
-    hutch = log_likelihood(field, x, steps=steps, t_start=0.0, divergence="hutchinson", generator=g)
+    exact = log_likelihood(field, x, solver=RK4Sampler(steps), t_start=0.0)
+    hutch = log_likelihood(
+        field, x, solver=RK4Sampler(steps), t_start=0.0, divergence="hutchinson", generator=g
+    )
     torch.testing.assert_close(hutch.log_prob, exact.log_prob, rtol=0, atol=1e-10)
     # RK4: C h^4 with C of order D (the divergence is D times a smooth function of t).
     tol = d / steps**4
     torch.testing.assert_close(hutch.log_prob, gaussian_log_prob(x, mu[0], s), rtol=0, atol=tol)
     # channels_last images give the same answer.
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    hutch_cl = log_likelihood(field, x_cl, steps=steps, t_start=0.0, divergence="hutchinson")
+    hutch_cl = log_likelihood(
+        field, x_cl, solver=RK4Sampler(steps), t_start=0.0, divergence="hutchinson"
+    )
     torch.testing.assert_close(hutch_cl.log_prob, exact.log_prob, rtol=0, atol=1e-10)
     torch.testing.assert_close(hutch_cl.x_0, exact.x_0, rtol=0, atol=1e-12)
 
@@ -258,7 +262,7 @@ def hutchinson_rows(steps, probes=1, distribution="rademacher", rows=512, seed=9
     result = log_likelihood(
         field,
         x,
-        steps=steps,
+        solver=RK4Sampler(steps),
         t_start=0.0,
         divergence="hutchinson",
         probes=probes,
@@ -273,7 +277,7 @@ def test_hutchinson_unbiased_for_nonisotropic_jacobian(distribution):
     """The mean over probes is the exact-divergence result on the same grid (not just near it)."""
     steps = 8
     field, x = nonisotropic_case(1)
-    exact = log_likelihood(field, x, steps=steps, t_start=0.0).log_prob[0]
+    exact = log_likelihood(field, x, solver=RK4Sampler(steps), t_start=0.0).log_prob[0]
     estimates = hutchinson_rows(steps, distribution=distribution)
     std = estimates.std()
     assert std > 1e-2  # the Jacobian is not isotropic: single probes do scatter
@@ -310,7 +314,9 @@ def test_bits_per_dim_of_gaussian_model():
     u = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(13), dtype=DTYPE)
     torch.testing.assert_close(x, (pixels.to(DTYPE) + u - 0.5) / 127.5 - 1, rtol=0, atol=1e-15)
     steps, d = 32, 16
-    log_prob = log_likelihood(field, x, steps=steps, t_start=0.0, divergence="hutchinson").log_prob
+    log_prob = log_likelihood(
+        field, x, solver=RK4Sampler(steps), t_start=0.0, divergence="hutchinson"
+    ).log_prob
     bpd = bits_per_dim(log_prob, d)
     normal = torch.distributions.Normal(mu[0], s)
     expected = (-normal.log_prob(x).flatten(1).sum(1) - d * math.log(1 / 127.5)) / (d * math.log(2))
@@ -356,16 +362,13 @@ def test_dequantize_range_and_mean():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"steps": 0},
-        {"steps": -3},
-        {"steps": 2.5},
+        {"solver": "rk4"},
         {"divergence": "trace"},
         {"divergence": "hutchinson", "probes": 0},
         {"divergence": "hutchinson", "probe_distribution": "uniform"},
         {"t_start": 0.5, "t_end": 0.5},
         {"t_start": -0.1},
         {"t_end": 1.5},
-        {"grid_power": 0.5},
     ],
 )
 def test_bad_arguments_raise(kwargs):

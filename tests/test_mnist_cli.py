@@ -9,7 +9,7 @@ TINY_UNET = [
     "--model.net.init_args.num_res_blocks", "1",
     "--model.net.init_args.norm_groups", "4",
     "--model.sampler.init_args.steps", "2",
-    "--model.val_per_class", "1",
+    "--validation.num_samples", "10",
     "--data.init_args.batch_size", "8",
     "--data.init_args.val_size", "10",
     "--data.init_args.download", "false",

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from flowdiff.fields import GaussianMixtureField
 from flowdiff.objectives import ConditionalFlowMatching, ConditionalScoreMatching
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.schedules import SCHEDULES
+from flowdiff.testing import GaussianMixtureField
 from flowdiff.utils import UsageError
 
 NAMES = sorted(SCHEDULES)

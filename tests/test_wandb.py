@@ -57,7 +57,7 @@ def test_fit_with_default_logger_runs_offline_without_a_prompt(tmp_path):
             "20",
             "--data.init_args.batches_per_epoch",
             "20",
-            "--model.val_num_samples",
+            "--validation.num_samples",
             "100",
         ],
         env=env,

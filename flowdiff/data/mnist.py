@@ -13,22 +13,18 @@ import os
 import sys
 from collections.abc import Iterator
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from flowdiff.data.labels import LabelDropout
+from flowdiff.data.base import FlowDataModule
+from flowdiff.data.evaluators import EvalOptions, ImageEvaluator, ImageSource
 from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
+from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError
 
 # ----------------------------------------------------------------------------- batches
-
-
-def pixels_to_float(images: Tensor) -> Tensor:
-    """uint8 pixels ``v`` to float32 ``v / 255 * 2 - 1`` in [-1, 1]."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 class _Batches(IterableDataset):
@@ -81,7 +77,7 @@ class _Batches(IterableDataset):
             yield pixels_to_float(x), y
 
 
-class MNISTDataModule(L.LightningDataModule):
+class MNISTDataModule(FlowDataModule):
     """MNIST batches ``(x, y)``: x (B, 1, 28, 28) float32 in [-1, 1] (or 32x32), y (B,) long.
 
     Training and validation split the official 60k training images (seeded); test is the official
@@ -110,8 +106,9 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         _check_arguments(data_dir, batch_size, val_size, p_uncond, seed)
         self.save_hyperparameters()
-        self.label_dropout = LabelDropout(p_uncond, 10)
+        self.p_uncond = float(p_uncond)
         self.num_classes = 10
+        self.class_names = [str(k) for k in range(10)]
         self.data_shape = (1, 32, 32) if pad_to_32 else (1, 28, 28)
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.train_indices: Tensor | None = None
@@ -167,11 +164,38 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            x, y = batch
-            return x, self.label_dropout(y)
-        return batch
+    def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``n`` test images (a subset chosen by ``seed``) in [-1, 1], and their labels."""
+        raw = find_or_prepare_mnist(self.hparams.data_dir, self.hparams.download)
+        images, labels = load_split(raw, train=False)
+        pick = torch.randperm(len(labels), generator=_seeded(seed))[:n]
+        return pixels_to_float(self._shape(images[pick])), labels[pick]
+
+    def evaluator(self, options: EvalOptions | None = None) -> ImageEvaluator:
+        """Metrics in the features of flowdiff's own MNIST classifier (trained once, cached)."""
+
+        def raw():
+            return find_or_prepare_mnist(self.hparams.data_dir, self.hparams.download)
+
+        def load():
+            train, test = load_split(raw(), train=True), load_split(raw(), train=False)
+            return (self._shape(train[0]), train[1]), (self._shape(test[0]), test[1])
+
+        def features(train, test, log, options: EvalOptions):
+            from flowdiff.metrics.classifier import default_cache, load_or_train_classifier
+
+            cache = options.cache_dir or default_cache()
+            log(f"MNIST feature classifier: cache {cache}")
+            unpadded = load_split(raw(), train=True), load_split(raw(), train=False)
+            model, info = load_or_train_classifier(*unpadded, cache, progress=True)
+            state = "trained" if info.trained else "loaded"
+            log(f"classifier {state}: {info.path} (test accuracy {info.test_accuracy:.4f})")
+            accuracy = f"test accuracy {info.test_accuracy:.4f}"
+            line = f"flowdiff MNIST classifier {info.path.name} ({accuracy})"
+            return model, line
+
+        source = ImageSource(load, features, pixels_to_float, check=raw)
+        return ImageEvaluator(source, self.num_classes, options)
 
 
 def _seeded(seed: int) -> torch.Generator:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from flowdiff.data.base import FlowDataModule
+from flowdiff.data.evaluators import EvalOptions, PointEvaluator
 from flowdiff.data.labels import LabelDropout
 from flowdiff.utils import UsageError
 
@@ -141,7 +142,7 @@ class _FreshBatches(IterableDataset):
             left -= n
 
 
-class ToyDataModule(L.LightningDataModule):
+class ToyDataModule(FlowDataModule):
     """2D toy data: batches ``(x, y)`` with x (B, 2) float32 and y (B,) long.
 
     Training draws fresh points every batch (the data are generated, never stored); validation and
@@ -187,12 +188,16 @@ class ToyDataModule(L.LightningDataModule):
         else:
             self.sampler = DATASETS[dataset]
             self.num_classes = NUM_CLASSES[dataset]
-        self.label_dropout = LabelDropout(p_uncond, self.num_classes)
+        LabelDropout(p_uncond, self.num_classes)  # checks p_uncond
+        self.p_uncond = float(p_uncond)
         self.data_shape = (2,)
 
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` fresh data points and labels from a generator seeded with ``seed``."""
         return self.sampler(n, torch.Generator().manual_seed(seed))
+
+    def evaluator(self, options: EvalOptions | None = None) -> PointEvaluator:
+        return PointEvaluator(self.reference, self.num_classes)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -213,9 +218,3 @@ class ToyDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._fixed(2_000_003)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            x, y = batch
-            return x, self.label_dropout(y)
-        return batch

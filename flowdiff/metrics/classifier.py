@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError, atomic_path
 
 # Bump when anything about the classifier changes that the protocol below does not capture.
@@ -106,6 +107,14 @@ def classifier_protocol(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor
     }
 
 
+MIN_ACCURACY = 0.99  # below it, metrics in the classifier's features would mean little
+
+
+def default_cache() -> Path:
+    """``$FLOWDIFF_CACHE``, else ``~/.cache/flowdiff``."""
+    return Path(os.environ.get("FLOWDIFF_CACHE") or Path.home() / ".cache" / "flowdiff")
+
+
 def cache_path(cache_dir: str | Path, protocol: dict) -> Path:
     key = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"mnist-classifier-{key}.pt"
@@ -113,8 +122,6 @@ def cache_path(cache_dir: str | Path, protocol: dict) -> Path:
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 (N, 28, 28) or (N, 1, H, W) to float (N, 1, H, W) in [-1, 1]."""
-    from flowdiff.data.mnist import pixels_to_float
-
     return pixels_to_float(images.unsqueeze(1) if images.dim() == 3 else images)
 
 
@@ -175,7 +182,7 @@ def load_or_train_classifier(
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     cache_dir: str | Path,
-    min_accuracy: float = 0.99,
+    min_accuracy: float | None = None,
     progress: bool = False,
 ) -> tuple[MNISTClassifier, ClassifierInfo]:
     """The classifier of this protocol from the cache, or trained now and cached.
@@ -184,6 +191,7 @@ def load_or_train_classifier(
         UsageError: the cache directory cannot be written, or the trained network's test accuracy
             is below ``min_accuracy`` (metrics in its features would mean little).
     """
+    min_accuracy = MIN_ACCURACY if min_accuracy is None else min_accuracy
     log = (lambda msg: print(f"flowdiff: {msg}", file=sys.stderr)) if progress else (lambda _: None)
     protocol = classifier_protocol(train, test)
     path = cache_path(cache_dir, protocol)

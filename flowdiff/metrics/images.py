@@ -1,5 +1,7 @@
 """Image metrics in the features of flowdiff's MNIST classifier (``flowdiff.metrics.classifier``).
 
+- Every image the classifier sees, sample or reference, is first clamped to [-1, 1] and rounded
+  to the 8-bit levels of the data's pixel map (:func:`quantize`), as a saved image would be.
 - Fréchet distance and KID: torchmetrics' ``FrechetInceptionDistance`` and
   ``KernelInceptionDistance`` given a custom feature extractor. The features of each image set are
   computed once (the reference's once for all the sets it is compared with) and handed to
@@ -23,6 +25,18 @@ from flowdiff.utils import UsageError
 
 PR_K = 3
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
+PIXEL_SCALE = 127.5  # the data's pixel map: 8-bit level v in 0..255 <-> v / PIXEL_SCALE - 1
+
+
+def _levels(images: Tensor) -> Tensor:
+    """Float images to the nearest 8-bit level v in 0..255 (float), clamped."""
+    return ((images.float() + 1) * PIXEL_SCALE).round().clamp(0, 255)
+
+
+def quantize(images: Tensor) -> Tensor:
+    """Float images clamped to [-1, 1] and rounded to the nearest level ``v / 127.5 - 1``
+    (float32)."""
+    return _levels(images).div(PIXEL_SCALE).sub(1.0)
 
 
 class Features(nn.Module):
@@ -38,11 +52,11 @@ class Features(nn.Module):
 
 @torch.no_grad()
 def extract(classifier: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
-    """The classifier's features (N, F), float64, of float images (N, 1, H, W) in [-1, 1]."""
+    """The classifier's features (N, F), float64, of float images (N, 1, H, W), quantised."""
     classifier.eval()
     device = next(classifier.parameters()).device
     chunks = [
-        classifier.features(images[i : i + batch_size].to(device)).double().cpu()
+        classifier.features(quantize(images[i : i + batch_size].to(device))).double().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
@@ -109,6 +123,8 @@ class ImageMetrics:
     Args:
         classifier: ``flowdiff.metrics.classifier.MNISTClassifier`` (``features`` and logits).
         real_images: the reference, float (N, 1, H, W) in [-1, 1]; its features are computed once.
+
+    Samples and reference are both quantised (:func:`quantize`) before the classifier sees them.
     """
 
     def __init__(self, classifier: nn.Module, real_images: Tensor):
@@ -135,12 +151,12 @@ class ImageMetrics:
 
 
 def class_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> dict:
-    """The share of images classified as the label they carry, overall and per class (``None``
-    for a class with no image)."""
+    """The share of (quantised) images classified as the label they carry, overall and per class
+    (``None`` for a class with no image)."""
     from flowdiff.metrics.classifier import predict
 
     labels = labels.cpu()
-    hit = (predict(classifier, images) == labels).double()
+    hit = (predict(classifier, quantize(images)) == labels).double()
     per_class = [
         hit[labels == c].mean().item() if bool((labels == c).any()) else None for c in range(10)
     ]
@@ -162,7 +178,7 @@ def check_inception(weights: str | Path) -> None:
 
 def _to_rgb_uint8(images: Tensor) -> Tensor:
     """Float (N, 1, H, W) in [-1, 1] to uint8 (N, 3, H, W), as Inception's input wants."""
-    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = _levels(images).to(torch.uint8)
     return pixels.expand(-1, 3, -1, -1)
 
 

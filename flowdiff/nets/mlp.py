@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flowdiff.config import Recorded
 from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
 
 
-class MLP(nn.Module):
+class MLP(Recorded, nn.Module):
     """``forward(x, t, y=None) -> (B, dim)`` for points ``x`` (B, dim).
 
     The time (and label) embedding is added to the input projection; ``depth`` hidden layers of

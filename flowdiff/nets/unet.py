@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from flowdiff.config import Recorded
 from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
 
 NORMS = ("group", "batch")
@@ -128,7 +129,7 @@ class Stage(nn.Module):
         return h if self.attention is None else self.attention(h)
 
 
-class UNet(nn.Module):
+class UNet(Recorded, nn.Module):
     """``forward(x, t, y=None) -> (B, C, H, W)`` for images ``x`` (B, C, H, W).
 
     A sinusoidal time embedding plus a label embedding (null class for CFG) is injected into every

@@ -7,31 +7,22 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flowdiff.data.evaluators import Column
 from flowdiff.utils import atomic_path
 
 
 @dataclass
 class Row:
-    """One sampler x steps x guidance configuration and its metrics."""
+    """One sampler x guidance configuration and its metrics. ``sampler`` is the sampler's repr
+    (all its arguments), ``name`` its short name, ``steps`` its step count (None: adaptive)."""
 
     sampler: str
-    steps: int
+    name: str
+    steps: int | None
     guidance: float | None
     nfe: int
     seconds: float
     metrics: dict
-
-
-@dataclass
-class Column:
-    key: str
-    header: str
-    fmt: str = "{:.4f}"
-    scale: float = 1.0
-
-    def cell(self, metrics: dict) -> str:
-        value = metrics.get(self.key)
-        return "-" if value is None else self.fmt.format(value * self.scale)
 
 
 @dataclass
@@ -52,8 +43,8 @@ class Report:
         head = ["sampler", "steps", "w", "NFE", "time (s)", *(c.header for c in self.columns)]
         body = [
             [
-                r.sampler,
-                str(r.steps),
+                r.name,
+                "-" if r.steps is None else str(r.steps),
                 "-" if r.guidance is None else f"{r.guidance:g}",
                 str(r.nfe),
                 f"{r.seconds:.1f}",
@@ -101,11 +92,11 @@ class Report:
         panels = [metric] + [c for c in self.columns if c.key == "class_accuracy"]
         figures = {}
         for name, x_of, group_of, x_label in (
-            ("quality_vs_nfe", lambda r: r.nfe, lambda r: (r.sampler, r.guidance), "NFE"),
+            ("quality_vs_nfe", lambda r: r.nfe, lambda r: (r.name, r.guidance), "NFE"),
             (
                 "quality_vs_guidance",
                 lambda r: r.guidance,
-                lambda r: (r.sampler, r.steps),
+                lambda r: (r.name, r.steps),
                 "guidance scale w",
             ),
         ):
@@ -154,9 +145,10 @@ class Report:
             config=self.protocol,
             reinit="finish_previous",
         )
-        keys = ["sampler", "steps", "guidance", "nfe", "seconds", *(c.key for c in self.columns)]
+        keys = ["sampler", "name", "steps", "guidance", "nfe", "seconds"]
+        keys += [c.key for c in self.columns]
         data = [
-            [r.sampler, r.steps, r.guidance, r.nfe, r.seconds]
+            [r.sampler, r.name, r.steps, r.guidance, r.nfe, r.seconds]
             + [r.metrics.get(c.key) for c in self.columns]
             for r in self.rows
         ]

@@ -1,0 +1,70 @@
+"""The data contract: what every flowdiff datamodule states and gives.
+
+Only the data knows what kind of data it is. The module, the callbacks, ``sample`` and
+``evaluate`` ask it (or the checkpoint's record of it, :meth:`FlowDataModule.describe`) and never
+look at tensor ranks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lightning as L
+from torch import Tensor
+
+from flowdiff.config import class_path
+from flowdiff.data.labels import LabelDropout
+
+if TYPE_CHECKING:
+    from flowdiff.data.evaluators import EvalOptions, Evaluator
+
+
+class FlowDataModule(L.LightningDataModule):
+    """Base class of flowdiff's datamodules: batches ``(x, y)`` with x (B, *data_shape) and
+    y (B,) integer labels (zeros when the data has none).
+
+    A subclass calls ``save_hyperparameters()`` in its ``__init__`` (its arguments are how a
+    checkpoint rebuilds it) and sets:
+
+    - ``data_shape``: the shape of one sample, e.g. ``(2,)`` or ``(1, 28, 28)``;
+    - ``num_classes``: the number of labels (0: unlabelled); ``class_names`` optionally;
+    - ``p_uncond``: the label-dropout probability for classifier-free guidance.
+
+    and implements :meth:`reference` (held-out data, for the floor of the metrics) and
+    :meth:`evaluator` (the metric suite that fits the data). Label dropout is applied here, once,
+    to training batches only.
+    """
+
+    data_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    class_names: list[str] | None = None
+    p_uncond: float = 0.0
+
+    def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``n`` held-out samples (in the model's value range) and their labels, chosen by
+        ``seed``: the same seed gives the same data."""
+        raise NotImplementedError
+
+    def evaluator(self, options: EvalOptions | None = None) -> Evaluator:
+        """The metric suite of this data (``flowdiff.data.evaluators``)."""
+        raise NotImplementedError
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training and self.p_uncond > 0:
+            x, y = batch
+            if not hasattr(self, "_label_dropout"):
+                self._label_dropout = LabelDropout(self.p_uncond, self.num_classes)
+            return x, self._label_dropout(y)
+        return batch
+
+    def describe(self) -> dict:
+        """What a checkpoint records of the data: how to rebuild it, and what it is."""
+        init_args = {k: v for k, v in dict(self.hparams).items() if not k.startswith("_")}
+        return {
+            "class_path": class_path(type(self)),
+            "init_args": init_args,
+            "data_shape": list(self.data_shape),
+            "num_classes": int(self.num_classes),
+            "class_names": list(self.class_names) if self.class_names else None,
+            "p_uncond": float(self.p_uncond),
+        }

@@ -1,0 +1,217 @@
+"""``flowdiff evaluate``: how good a trained model is, and what quality costs in steps and guidance.
+
+One row per sampler x guidance scale, each with its NFE and wall time, against the fixed protocol
+of the data's evaluator, with the data-against-data floor in the same table. Writes
+``metrics.json`` and plots of quality against NFE and against guidance, logs them to W&B, and
+splits the sampling across ranks when launched distributed (:mod:`flowdiff.evaluate.sharding`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
+
+from flowdiff.data.evaluators import NLL_SEED, EvalOptions
+from flowdiff.evaluate.plan import Plan, make_plan
+from flowdiff.evaluate.report import Report, Row
+from flowdiff.evaluate.sharding import chunk_generator, make_fabric, map_chunks
+from flowdiff.flags import comma_lists, plain
+from flowdiff.utils import UsageError
+
+LIST_FLAGS = {"--sampler", "--steps", "--guidance"}
+PROTOCOL = "flowdiff evaluate v1"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="flowdiff evaluate",
+        description="Metrics of a checkpoint over sampler x steps x guidance, against a fixed "
+        "protocol, with the data floor (no --config needed).",
+        exit_on_error=False,
+    )
+    add = parser.add_argument
+    add("--ckpt", type=str, required=True, help="Checkpoint written by flowdiff fit.")
+    add(
+        "--num-samples",
+        type=PositiveInt | None,
+        default=None,
+        help="Samples a row (default: the data's: 5000 points, 1000 images).",
+    )
+    add(
+        "--sampler",
+        type=list[str] | None,
+        default=None,
+        help="Samplers: euler,heun (aliases, class names or class paths; default: the "
+        "checkpoint's own, with its arguments).",
+    )
+    add("--steps", type=list[PositiveInt] | None, default=None, help="Steps: 10,20,50.")
+    add("--guidance", type=list[NonNegativeFloat] | None, default=None, help="CFG scales: 0,1,3.")
+    add("--seed", type=int, default=0, help="Seed of the sampling noise (data seeds are fixed).")
+    add("--out", type=str | None, default=None, help="Output directory (default: <run>/eval/...).")
+    add("--overwrite", type=bool, default=False, help="Replace the files of an existing output.")
+    add(
+        "--batch-size",
+        type=PositiveInt | None,
+        default=None,
+        help="Samples a chunk (default: 1000 points, 128 images); part of the protocol.",
+    )
+    add("--nll", type=bool, default=True, help="Compute the likelihood (NLL or bits/dim).")
+    add(
+        "--nll-samples",
+        type=PositiveInt | None,
+        default=None,
+        help="Data for the likelihood (default: 1000 points, 256 test images).",
+    )
+    add(
+        "--nll-steps",
+        type=PositiveInt | None,
+        default=None,
+        help="RK4 steps of the likelihood ODE (default 50; 4 NFE a step).",
+    )
+    add("--probes", type=PositiveInt, default=1, help="Hutchinson probes (images).")
+    add("--data-dir", type=str | None, default=None, help="Data directory (default: the run's).")
+    add(
+        "--classifier-cache",
+        type=str | None,
+        default=None,
+        help="Where a feature classifier is kept (default: $FLOWDIFF_CACHE or ~/.cache/flowdiff).",
+    )
+    add(
+        "--inception-weights",
+        type=str | None,
+        default=None,
+        help="Local FID Inception weights (pt_inception-2015-12-05): adds Inception FID.",
+    )
+    add("--wandb", type=bool, default=True, help="Log the table and plots to W&B.")
+    add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
+    add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
+    add("--num-nodes", type=PositiveInt, default=1, help="Nodes (torchrun or SLURM launch them).")
+    return parser  # fmt: skip
+
+
+def log(fabric, message: str) -> None:
+    if fabric.global_rank == 0:
+        print(f"flowdiff: {message}", file=sys.stderr, flush=True)
+
+
+def draw(fabric, model, plan: Plan, sampler, guidance, seed: int) -> tuple[torch.Tensor, int]:
+    """``plan.num_samples`` samples split across ranks, and the NFE of one trajectory."""
+    nfe = []
+
+    def work(c, lo, hi):
+        y = plan.labels[lo:hi].to(model.device) if guidance is not None else None
+        g = chunk_generator(seed, c)
+        result = model.sample(hi - lo, sampler, y=y, guidance=guidance, generator=g)
+        nfe.append(result.nfe)
+        return result.x
+
+    desc = sampler.label + (f" w={guidance:g}" if guidance is not None else "")
+    samples = map_chunks(fabric, plan.num_samples, plan.batch_size, work, desc)
+    return samples, max(nfe) if nfe else 0
+
+
+def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
+    """The data's likelihood under the model: the unconditional field when the model learned it
+    (label dropout), else the field conditioned on the data's labels (``log p(x|y)``)."""
+    from flowdiff.likelihood import log_likelihood
+    from flowdiff.samplers import PowerGrid, RK4Sampler
+
+    data = evaluator.likelihood_data(plan.nll_samples)
+    if not model.conditional:
+        labels, conditioning = None, "unconditional"
+    elif model.p_uncond > 0:
+        labels = torch.full((len(data.x),), model.net.num_classes)
+        conditioning = "unconditional (null label)"
+    else:
+        labels, conditioning = data.y, "conditional on data labels"
+    solver = RK4Sampler(plan.nll_steps, PowerGrid(data.grid_power))
+
+    def work(c, lo, hi):
+        y = labels[lo:hi].to(model.device) if labels is not None else None
+        result = log_likelihood(
+            model.field(y),
+            data.x[lo:hi].to(model.device),
+            solver=solver,
+            divergence=data.divergence,
+            probes=probes,
+            generator=chunk_generator(NLL_SEED, c),
+        )
+        return result.log_prob
+
+    log_p = map_chunks(fabric, len(data.x), plan.batch_size, work, "likelihood").double()
+    values = data.convert(log_p)
+    mean, sem = values.mean().item(), values.std().item() / len(values) ** 0.5
+    prefix = f"{data.label} " if data.label else ""
+    probe_text = f"; Hutchinson, {probes} Rademacher probe(s)" if data.divergence != "exact" else ""
+    return {
+        data.key: mean,
+        f"{data.key}_sem": sem,
+        "unit": data.unit,
+        "summary": f"{prefix}{mean:.4f} ± {sem:.4f} {data.unit} ({conditioning}; "
+        f"{data.description}; {solver!r}{probe_text})",
+    }
+
+
+def evaluate_main(argv: list[str]) -> Path | None:
+    cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
+    cfg.guidance, cfg.steps = plain(cfg.guidance, float), plain(cfg.steps, int)
+    from flowdiff.checkpoint import load_run
+
+    ckpt = Path(cfg.ckpt)
+    run = load_run(ckpt, data_dir=cfg.data_dir)
+    model = run.model
+    if run.datamodule is None:
+        raise UsageError(f"{str(ckpt)!r} records no datamodule to evaluate against")
+    evaluator = run.datamodule.evaluator(EvalOptions(cfg.classifier_cache, cfg.inception_weights))
+    evaluator.check()  # data present, weights files: no work yet
+    plan = make_plan(cfg, model, evaluator, ckpt.resolve().parent.parent)
+    fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.num_nodes)
+    fabric.launch()
+    rank0 = fabric.global_rank == 0
+    if rank0:
+        try:
+            plan.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create output directory {str(plan.out)!r}: {err}") from err
+        if not os.access(plan.out, os.W_OK):
+            raise UsageError(f"output directory {str(plan.out)!r} is not writable")
+        evaluator.prepare(plan.num_samples, lambda m: log(fabric, m))
+    model.to(fabric.device)
+
+    rows = []
+    for i, (sampler, w) in enumerate(plan.rows, 1):
+        start = time.perf_counter()
+        samples, nfe = draw(fabric, model, plan, sampler, w, cfg.seed)
+        seconds = time.perf_counter() - start
+        labels = plan.labels if w is not None else None
+        metrics = evaluator.score(samples, labels) if rank0 else {}
+        steps = getattr(sampler, "steps", None)
+        name = sampler.name or type(sampler).__name__
+        rows.append(Row(repr(sampler), name, steps, w, nfe, round(seconds, 3), metrics))
+        scale = f", w = {w:g}" if w is not None else ""
+        log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
+            f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip
+    nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
+    if not rank0:
+        return None
+    protocol = {
+        "checkpoint": str(ckpt),
+        "protocol": PROTOCOL,
+        "samples a row": plan.num_samples,
+        "chunk (samples integrated at once)": plan.batch_size,
+        "noise": f"chunk c drawn from seed {cfg.seed} * 1000003 + c",
+        **evaluator.protocol(plan.num_samples),
+    }
+    report = Report(protocol, evaluator.columns, rows, evaluator.floor, nll)
+    print(report.table())
+    report.write(plan.out)
+    if cfg.wandb:
+        report.log_wandb(plan.out, run_name=ckpt.resolve().parent.parent.name)
+    print(f"flowdiff: wrote {plan.out / 'metrics.json'} and the plots beside it")
+    return plan.out

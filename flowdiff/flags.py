@@ -1,0 +1,46 @@
+"""Shared pieces of flowdiff's own commands (``sample``, ``evaluate``): typed list flags written
+with commas, and the guidance checks both make before any work."""
+
+from __future__ import annotations
+
+from flowdiff.utils import UsageError
+
+
+def plain(values: list | None, kind: type) -> list | None:
+    """jsonargparse's restricted numbers (PositiveInt, NonNegativeFloat...) as plain ones: they
+    go into files that are read with weights_only=True."""
+    return None if values is None else [kind(v) for v in values]
+
+
+def comma_lists(argv: list[str], flags: set[str]) -> list[str]:
+    """``--steps 10,20,50`` as ``--steps [10,20,50]``, so a flag typed ``list[PositiveInt]`` takes
+    the comma form too (and jsonargparse checks every element)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if eq and name in flags and not value.lstrip().startswith("["):
+            out[i] = f"{name}=[{value}]"
+        elif arg in flags and i + 1 < len(out) and not out[i + 1].lstrip().startswith("["):
+            out[i + 1] = f"[{out[i + 1]}]"
+    return out
+
+
+def check_guidance(model, scales: list[float] | None, labels: list[int] | None = None) -> None:
+    """Refuse guidance or labels the model cannot honour, in one line each."""
+    if scales is None and labels is None:
+        return
+    if not model.conditional:
+        raise UsageError(
+            "this model was trained without labels: --guidance and --labels need a model "
+            "whose network has a label embedding (num_classes > 0)"
+        )
+    if scales is not None and any(w != 1.0 for w in scales) and not model.p_uncond > 0:
+        raise UsageError(
+            f"guidance w != 1 needs the unconditional field, and this model never learned it "
+            f"(trained with p_uncond = {model.p_uncond}: no label dropout); use --guidance 1, "
+            "or train with --data.init_args.p_uncond 0.1"
+        )
+    k = model.net.num_classes
+    bad = [y for y in labels or [] if not 0 <= y < k]
+    if bad:
+        raise UsageError(f"labels {bad} are outside the model's classes 0..{k - 1}")
