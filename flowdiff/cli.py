@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
+from datetime import timedelta
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -15,6 +14,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from flowdiff.callbacks import EMA, NonFiniteGuard, TrainingError, ValidationSamples
 from flowdiff.checkpoint import RunCheckpoint, SafeCheckpointIO, read_checkpoint
 from flowdiff.data.base import FlowDataModule
+from flowdiff.messages import (
+    argument_error,
+    innermost_reason,
+    lightning_info_to_stdout,
+    one_line,
+    quiet_warnings,
+)
 from flowdiff.module import FlowModule
 from flowdiff.runs import (
     SaveFitConfig,
@@ -28,8 +34,8 @@ from flowdiff.utils import UsageError, keep_freed_memory
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXTRA_SUBCOMMANDS = {
-    "sample": "Draw samples from a checkpoint (no --config needed).",
-    "evaluate": "Metrics of a checkpoint over samplers, steps and guidance (no --config needed).",
+    "sample": "draw samples from a checkpoint",
+    "evaluate": "metrics of a checkpoint over samplers, steps and guidance",
 }
 
 
@@ -74,9 +80,11 @@ class FlowdiffCLI(LightningCLI):
                 "exit_on_error": False,
                 "prog": "flowdiff",
                 "description": "Train, sample and study flow-matching and diffusion models.",
-                "epilog": "flowdiff's own commands: "
-                + "; ".join(f"{name}: {text}" for name, text in EXTRA_SUBCOMMANDS.items())
-                + " Run `flowdiff sample --help` or `flowdiff evaluate --help` for their flags.",
+                "epilog": "flowdiff's own commands (no --config needed): "
+                + "; ".join(
+                    f"`flowdiff {name}`: {text}" for name, text in EXTRA_SUBCOMMANDS.items()
+                )
+                + ". Each has --help.",
             },
         )
         kwargs.setdefault("save_config_callback", SaveFitConfig)
@@ -97,7 +105,15 @@ class FlowdiffCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(ValidationSamples, "validation")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # last.ckpt at every validation, when training ends, and at least every minute (a run
+        # killed at any moment loses at most about a minute).
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.train_time_interval": timedelta(minutes=1),
+            }
+        )
         parser.link_arguments(
             "trainer.default_root_dir",
             "checkpoint.dirpath",
@@ -136,6 +152,10 @@ class FlowdiffCLI(LightningCLI):
                     f"trainer.max_steps must be a positive integer (or -1: no limit), got "
                     f"{max_steps}"
                 )
+            checkpoint = config.checkpoint
+            if checkpoint.every_n_train_steps or checkpoint.every_n_epochs:
+                # Lightning takes one trigger: a step or epoch interval replaces the time one.
+                checkpoint.train_time_interval = None
             every = config.trainer.log_every_n_steps
             if every is not None and every < 1:
                 raise UsageError(f"trainer.log_every_n_steps must be positive, got {every}")
@@ -149,7 +169,7 @@ class FlowdiffCLI(LightningCLI):
         except UsageError:
             raise
         except (ValueError, TypeError) as err:
-            raise UsageError(f"invalid configuration: {_innermost_reason(err)}") from err
+            raise UsageError(f"invalid configuration: {innermost_reason(err)}") from err
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -197,102 +217,10 @@ def default_precision(accelerator) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def _innermost_reason(err: BaseException) -> str:
-    """The reason jsonargparse nests under "Errors:" (one line per union member), else the text."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    reasons = [
-        line[2:]
-        for line in lines
-        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line
-    ]
-    return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
-
-
-def _argument_error(err: BaseException) -> str:
-    """jsonargparse's multi-line report of a bad value as one line: the key, why, what came."""
-    import re
-
-    text = str(err)
-    key = re.match(r'Parser key "([^"]+)":', text)
-    if not key:
-        return _one_line(text)
-    if "Errors:" in text:  # a union type: the reason of the member that fits, and the value
-        reason = _innermost_reason(err)
-        given = re.search(r"Given value: (.*)$", text, re.S)
-        given = given[1].strip() if given else None
-    else:  # a plain type: "Not of type PositiveInt: 0 does not conform to restriction v>0"
-        reason, given = _one_line(text[key.end() :]), None
-    restriction = re.search(
-        r"Not of type (Positive|NonNegative)(Int|Float): (?:(\S+) )?does not conform to "
-        r"restriction v>=?0",
-        reason,
-    )
-    if restriction:
-        sign = "positive" if restriction[1] == "Positive" else "non-negative"
-        reason = f"expected a {sign} {'integer' if restriction[2] == 'Int' else 'number'}"
-        given = given or restriction[3]
-    return f"{key[1]}: {reason}" + (f", got {given}" if given else "")
-
-
-def _one_line(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
-
-
-# Lightning warnings that say nothing to a flowdiff user: the toy stream defines __len__ for the
-# progress bar and uses no workers; the pytree deprecation is Lightning's own.
-QUIET = [
-    r".*`IterableDataset` has `__len__` defined",
-    r".*isinstance\(treespec, LeafSpec\)",
-    r".*skip_none parameter was deprecated",
-    r"LightningCLI's args parameter is intended",  # main() passes sys.argv on, resolved
-    # Under DDP: the sample metrics are computed on rank 0 alone and logged with rank_zero_only.
-    r"It is recommended to use `self.log\('(val|test)/(w2|mmd)', ..., sync_dist=True\)`",
-    r'.*ckpt_path="last"\) is set, but there is no last checkpoint',  # said in flowdiff's words
-    # Lightning Fabric's all_gather (evaluate across ranks) calls a torch function since deprecated.
-    r"torch.distributed.nn.functional.all_gather is deprecated",
-    # evaluate's KID keeps the features of one reference and one sample set: 128 numbers an image.
-    r"Metric `Kernel Inception Distance` will save all extracted features in buffer",
-]
-
-
-class _StandardStreams(logging.StreamHandler):
-    """Information on stdout, warnings and errors on stderr: the streams of the moment (not those
-    of import time), so that stderr holds only problems and a bad input is one line there."""
-
-    _level_now = logging.INFO
-
-    @property
-    def stream(self):
-        return sys.stdout if self._level_now < logging.WARNING else sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._level_now = record.levelno
-        super().emit(record)
-
-
-def _lightning_info_to_stdout() -> None:
-    """Lightning logs its information (seed, devices, model summary, tips) to stderr through the
-    handlers it adds when nothing else configures logging; flowdiff prints it on stdout."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if type(handler) is logging.StreamHandler:
-                logger.removeHandler(handler)
-                replacement = _StandardStreams()
-                replacement.setLevel(handler.level)
-                replacement.setFormatter(handler.formatter)
-                logger.addHandler(replacement)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowdiff`` console script."""
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    _lightning_info_to_stdout()
+    quiet_warnings()
+    lightning_info_to_stdout()
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
@@ -315,13 +243,13 @@ def main(argv: list[str] | None = None) -> None:
         # MisconfigurationException: a setting Lightning itself refuses, said in its words.
         if debug:
             raise
-        message = _argument_error(err) if isinstance(err, ArgumentError) else _one_line(err)
+        message = argument_error(err) if isinstance(err, ArgumentError) else one_line(err)
         print(f"flowdiff: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingError as err:  # training ran and stopped (non-finite loss, disk full, ...)
         if debug:
             raise
-        print(f"flowdiff: error: {_one_line(err)}", file=sys.stderr)
+        print(f"flowdiff: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -62,7 +62,10 @@ class FlowModule(L.LightningModule):
         # The checkpoint holds configs, never objects: under the CLI the hyperparameters are its
         # config already; objects built in Python describe themselves (flowdiff.config).
         for key, value in list(self.hparams.items()):
-            self.hparams[key] = describe(value)
+            try:
+                self.hparams[key] = describe(value)
+            except UsageError:
+                pass  # said when a checkpoint is written (on_save_checkpoint)
         classes = getattr(net, "num_classes", 0)
         if classes and num_classes and classes != num_classes:
             raise UsageError(
@@ -121,6 +124,10 @@ class FlowModule(L.LightningModule):
                 self._layout()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hparams = dict(self.hparams)
+        for part in ("net", "path", "objective"):  # Lightning drops what it cannot pickle
+            hparams.setdefault(part, getattr(self, part))
+        checkpoint["hyper_parameters"] = describe(hparams)  # data, never objects
         checkpoint["data"] = {**self.data_info, "data_shape": self.data_shape}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -146,7 +153,10 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(*batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # Logged at Lightning's logging interval only: every self.log moves the logged results
+        # to the device again, ~1.5 ms a step here (toy: 15% of a step; MNIST: 0.3%).
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:

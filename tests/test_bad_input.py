@@ -83,6 +83,18 @@ CASES = [
     ("fit-negative-batch-size", FIT + " --data.init_args.batch_size -4", ["batch_size"]),
     ("fit-zero-val-samples", FIT + " --validation.num_samples 0", ["num_samples"]),
     ("fit-bad-nonfinite", FIT + " --nonfinite.action ignore", ["nonfinite", "ignore"]),
+    # settings Lightning itself refuses, in its words
+    ("fit-lightning-refusal", FIT + " --checkpoint.every_n_epochs -1", ["every_n_epochs"]),
+    (
+        "fit-guidance-without-dropout",
+        FIT + " --model.net.init_args.num_classes 2 --validation.guidance [3]",
+        ["p_uncond"],
+    ),
+    (
+        "fit-csm-t-min-zero",
+        FIT.replace("toy.yaml", "toy_csm.yaml") + " --model.path.init_args.t_min 0",
+        ["t_min"],
+    ),
     ("fit-zero-log-every", FIT + " --trainer.log_every_n_steps 0", ["log_every_n_steps"]),
     ("fit-negative-max-steps", FIT_W + " --trainer.max_steps -5", ["max_steps", "-5"]),
     ("sample-zero-samples", SAMPLE + " --num-samples 0", ["num_samples", "positive"]),

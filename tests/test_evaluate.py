@@ -1,4 +1,6 @@
-"""``flowdiff evaluate`` on tiny toy runs: the documented protocol, recomputed independently."""
+"""``flowdiff evaluate`` on tiny toy runs: plumbing. The rows are recomputed with the same metric
+functions (seeds, chunks, labels, floor, ranks); the metrics themselves are tested against closed
+forms in test_metrics.py and test_image_metrics.py."""
 
 import json
 import os
@@ -65,7 +67,7 @@ def expected_row(model, steps, name, n, size, seed, reference, y=None, guidance=
     return {"w2": wasserstein2(samples, reference), "mmd": mmd(samples, reference, BANDWIDTHS)}
 
 
-def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
+def test_sweep_plumbing_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
     out = tmp_path / "eval"
     code, stdout, err = evaluate(
         run_cli, toy_ckpts["toy"], out, "--sampler", "euler,heun", "--steps", "2,5", "--seed", "3"
@@ -111,7 +113,7 @@ def test_sweep_follows_the_protocol(toy_ckpts, run_cli, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_guidance_sweep_of_a_conditional_model(toy_ckpts, run_cli, tmp_path):
+def test_guidance_sweep_plumbing_of_a_conditional_model(toy_ckpts, run_cli, tmp_path):
     out = tmp_path / "eval"
     code, _, err = evaluate(
         run_cli,

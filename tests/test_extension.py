@@ -151,3 +151,31 @@ def test_a_model_built_in_python_writes_a_checkpoint_the_commands_load(tmp_path,
     assert code == 0, err
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["rows"][0]["sampler"] == saved["sampler"]
+
+
+def test_a_network_that_cannot_describe_itself_is_named_when_saving(tmp_path):
+    import pytest
+
+    from flowdiff.data.toy import ToyDataModule
+    from flowdiff.module import FlowModule
+    from flowdiff.objectives import ConditionalFlowMatching
+    from flowdiff.paths import GaussianConditionalPath
+    from flowdiff.utils import UsageError
+
+    class Plain(nn.Module):  # not Recorded: nothing remembers its arguments
+        num_classes = 0
+
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+        def forward(self, x, t, y=None):
+            return self.layer(torch.cat([x, t[:, None]], 1))
+
+    model = FlowModule(Plain(), GaussianConditionalPath(), ConditionalFlowMatching())
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, ToyDataModule(batch_size=8, batches_per_epoch=2))
+    with pytest.raises(UsageError, match="cannot write Plain into a checkpoint"):
+        trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    assert not (tmp_path / "plain.ckpt").exists()

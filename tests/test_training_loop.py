@@ -106,3 +106,36 @@ def test_guidance_on_a_model_without_label_dropout_is_refused(tmp_path, run_cli)
     code, _, err = run_cli("sample", "--ckpt", ckpt, "--guidance", "1", "--num-samples", "20",
                            "--out", tmp_path / "ok")  # fmt: skip
     assert code == 0, err
+
+
+class CheckpointSpy(L.Callback):
+    """Notes, at every step, the step of the last.ckpt on disk (None: there is none)."""
+
+    seen: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        last = trainer.checkpoint_callback.dirpath + "/last.ckpt"
+        try:
+            step = torch.load(last, weights_only=True)["global_step"]
+        except FileNotFoundError:
+            step = None
+        CheckpointSpy.seen.append((trainer.global_step, step))
+
+
+def test_checkpoints_by_time_before_any_validation(tmp_path, run_cli):
+    """A run killed before its first validation must have something to resume from: last.ckpt
+    is also written every train_time_interval (a minute by default)."""
+    CheckpointSpy.seen = []
+    root = tmp_path / "run"
+    args = ["--trainer.max_steps", "60", "--checkpoint.train_time_interval", "0:00:00.05",
+            "--trainer.callbacks+=test_training_loop.CheckpointSpy"]  # fmt: skip
+    fit(run_cli, root, *args)
+    during = [step for now, step in CheckpointSpy.seen if now < 60 and step is not None]
+    assert during, CheckpointSpy.seen  # checkpoints appeared while training, with no validation
+    assert all(0 < step <= now for now, step in CheckpointSpy.seen if step is not None)
+
+
+def test_time_checkpoints_give_way_to_a_step_interval(tmp_path, run_cli):
+    root = tmp_path / "run"
+    fit(run_cli, root, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2")
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
