@@ -183,15 +183,16 @@ class ValidationSamples(Callback):
             return
         evaluator = evaluator_of()
         n = self.num_samples or evaluator.validation_samples(pl_module.num_classes)
+        size = evaluator.chunk_size  # samples integrated at once: 128 images, 1000 points
         panels, trajectory, metrics = {}, None, {}
         if pl_module.conditional:
             y = evaluator.labels(n).to(pl_module.device)
             for w in self.scales(pl_module):
-                x = pl_module.sample(n, y=y, guidance=w, generator=_seeded(1), batch_size=128).x
+                x = pl_module.sample(n, y=y, guidance=w, generator=_seeded(1), batch_size=size).x
                 panels[f"w = {w:g}"] = (x.float().cpu(), y.cpu())
         else:
             result = pl_module.sample(
-                n, generator=_seeded(1), return_trajectory=evaluator.trajectories, batch_size=128
+                n, generator=_seeded(1), return_trajectory=evaluator.trajectories, batch_size=size
             )
             panels[""] = (result.x.float().cpu(), None)
             trajectory = result.trajectory.float().cpu() if result.trajectory is not None else None
