@@ -91,10 +91,9 @@ def resolve(name: str, base: type, aliases: Mapping[str, type] | None = None) ->
     if name in by_name:
         return by_name[name]
     if "." in name:
-        module, _, attr = name.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+            cls = import_class(name)
+        except UsageError:
             cls = None
         if isinstance(cls, type) and issubclass(cls, base):
             return cls
@@ -114,13 +113,18 @@ def _subclasses(base: type) -> list[type]:
 def build(config: Any, *args, **kwargs) -> Any:
     """The object a config describes; ``args``/``kwargs`` come first (e.g. the parameters of an
     optimizer). A config without init_args builds with defaults; a class is called as it is."""
-    if isinstance(config, type) or callable(config) and not isinstance(config, Mapping):
+    if callable(config):
         return config(*args, **kwargs)
     if not isinstance(config, Mapping) or "class_path" not in config:
         raise UsageError(f"not a component config (no class_path): {config!r}")
-    module, _, attr = config["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UsageError(f"cannot import {config['class_path']!r}: {err}") from err
+    cls = import_class(config["class_path"])
     return cls(*args, **{**dict(config.get("init_args") or {}), **kwargs})
+
+
+def import_class(path: str) -> Any:
+    """The object ``package.module.Name`` names."""
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UsageError(f"cannot import {path!r}: {err}") from err

@@ -7,6 +7,7 @@ look at tensor ranks.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -52,10 +53,12 @@ class FlowDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training and self.p_uncond > 0:
             x, y = batch
-            if not hasattr(self, "_label_dropout"):
-                self._label_dropout = LabelDropout(self.p_uncond, self.num_classes)
-            return x, self._label_dropout(y)
+            return x, self.label_dropout(y)
         return batch
+
+    @functools.cached_property
+    def label_dropout(self) -> LabelDropout:
+        return LabelDropout(self.p_uncond, self.num_classes)
 
     def describe(self) -> dict:
         """What a checkpoint records of the data: how to rebuild it, and what it is."""

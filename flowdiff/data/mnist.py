@@ -9,6 +9,7 @@ files come from is :mod:`flowdiff.data.mnist_files`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -177,8 +178,12 @@ class MNISTDataModule(FlowDataModule):
         def raw():
             return find_or_prepare_mnist(self.hparams.data_dir, self.hparams.download)
 
+        @functools.cache
+        def splits():  # read once: the reference, the floor and the classifier share them
+            return load_split(raw(), train=True), load_split(raw(), train=False)
+
         def load():
-            train, test = load_split(raw(), train=True), load_split(raw(), train=False)
+            train, test = splits()
             return (self._shape(train[0]), train[1]), (self._shape(test[0]), test[1])
 
         def features(train, test, log, options: EvalOptions):
@@ -186,8 +191,7 @@ class MNISTDataModule(FlowDataModule):
 
             cache = options.cache_dir or default_cache()
             log(f"MNIST feature classifier: cache {cache}")
-            unpadded = load_split(raw(), train=True), load_split(raw(), train=False)
-            model, info = load_or_train_classifier(*unpadded, cache, progress=True)
+            model, info = load_or_train_classifier(*splits(), cache, progress=True)
             state = "trained" if info.trained else "loaded"
             log(f"classifier {state}: {info.path} (test accuracy {info.test_accuracy:.4f})")
             accuracy = f"test accuracy {info.test_accuracy:.4f}"

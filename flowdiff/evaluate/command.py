@@ -192,8 +192,9 @@ def evaluate_main(argv: list[str]) -> Path | None:
         labels = plan.labels if w is not None else None
         metrics = evaluator.score(samples, labels) if rank0 else {}
         steps = getattr(sampler, "steps", None)
-        name = sampler.name or type(sampler).__name__
-        rows.append(Row(repr(sampler), name, steps, w, nfe, round(seconds, 3), metrics))
+        rows.append(
+            Row(repr(sampler), sampler.short_name, steps, w, nfe, round(seconds, 3), metrics)
+        )
         scale = f", w = {w:g}" if w is not None else ""
         log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
             f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip

@@ -60,11 +60,15 @@ class Sampler(Recorded):
         return f"{type(self).__name__}({args})"
 
     @property
+    def short_name(self) -> str:
+        """The alias, or the class name of a sampler without one."""
+        return self.name or type(self).__name__
+
+    @property
     def label(self) -> str:
         """A short name for progress bars and file names, e.g. ``euler-50steps``."""
         steps = getattr(self, "steps", None)
-        name = self.name or type(self).__name__
-        return f"{name}-{steps}steps" if steps else name
+        return f"{self.short_name}-{steps}steps" if steps else self.short_name
 
     @torch.no_grad()
     def sample(
