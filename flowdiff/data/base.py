@@ -50,6 +50,17 @@ class FlowDataModule(L.LightningDataModule):
         """The metric suite of this data (``flowdiff.data.evaluators``)."""
         raise NotImplementedError
 
+    def network_sizes(self) -> dict:
+        """The network arguments the data fixes: ``dim`` for points (D,), ``in_channels`` and
+        ``image_size`` (S, or [H, W] when not square) for images (C, H, W)."""
+        if len(self.data_shape) == 1:
+            return {"dim": self.data_shape[0]}
+        if len(self.data_shape) == 3:
+            channels, height, width = self.data_shape
+            size = height if height == width else [height, width]
+            return {"in_channels": channels, "image_size": size}
+        return {}
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training and self.p_uncond > 0:
             x, y = batch

@@ -51,6 +51,7 @@ class EvalOptions:
 
     cache_dir: str | None = None
     inception_weights: str | None = None
+    min_accuracy: float | None = None  # floor of a feature classifier's test accuracy
 
 
 @dataclass
@@ -187,9 +188,10 @@ class ImageSource:
 
     ``load()`` returns ``(train, test)``: the reference is a seeded subset of ``train``, the floor
     and the likelihood use ``test``. ``features(train, test, log, options)`` returns the feature
-    network (``features(x)``, and class logits from ``forward``) and a line describing it.
-    ``check()`` raises a UsageError when the images cannot be had; ``to_float`` maps uint8 pixels
-    to the model's range.
+    network (``features(x)``, and class logits from ``forward``) and a line describing it, or
+    ``(None, why)`` when the data has none (no labels to train a classifier on). ``check()``
+    raises a UsageError when the images cannot be had; ``to_float`` maps uint8 pixels to the
+    model's range.
     """
 
     load: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]
@@ -197,10 +199,19 @@ class ImageSource:
     to_float: Callable[[Tensor], Tensor]
     check: Callable[[], object] = lambda: None
     reference_size: int = 10_000
+    classifier: bool = True  # whether ``features`` gives a network (labelled data)
+
+
+NO_FEATURES = (
+    "FD, KID, precision/recall and class accuracy need labels (a classifier is trained on them) "
+    "and Inception FID/KID needs --inception-weights: this data has neither, so the table shows "
+    "bits/dim alone"
+)
 
 
 class ImageEvaluator(Evaluator):
-    """Images in the features of a network that suits them (see :class:`ImageSource`)."""
+    """Images in the features of a network that suits them (see :class:`ImageSource`), and of
+    Inception-v3 when the user has its weights (:mod:`flowdiff.metrics.inception`)."""
 
     num_samples = 1000
     chunk_size = 128
@@ -211,24 +222,31 @@ class ImageEvaluator(Evaluator):
     def __init__(self, source: ImageSource, num_classes: int, options: EvalOptions | None = None):
         super().__init__(num_classes)
         self.source, self.options = source, options or EvalOptions()
-        if self.options.inception_weights is not None:
-            from flowdiff.metrics.images import check_inception
-
-            check_inception(self.options.inception_weights)
-        self.columns = [
-            Column("fid", "FID", "{:.3f}"),
-            Column("kid_mean", "KID", "{:.3f}"),  # in these features: not ~1e-3
-            Column("precision", "precision", "{:.3f}"),
-            Column("recall", "recall", "{:.3f}"),
-        ]
-        if num_classes:
-            self.columns.append(Column("class_accuracy", "accuracy", "{:.3f}"))
+        self.columns = []
+        if source.classifier:
+            self.columns += [
+                Column("fid", "FID", "{:.3f}"),
+                Column("kid_mean", "KID", "{:.3f}"),  # in these features: not ~1e-3
+                Column("precision", "precision", "{:.3f}"),
+                Column("recall", "recall", "{:.3f}"),
+            ]
+            if num_classes:
+                self.columns.append(Column("class_accuracy", "accuracy", "{:.3f}"))
         if self.options.inception_weights:
-            self.columns.append(Column("inception_fid", "Inception FID", "{:.2f}"))
+            self.columns += [
+                Column("inception_fid", "Inception FID", "{:.2f}"),
+                Column("inception_kid", "Inception KID x 1e3", "{:.2f}", 1e3),
+            ]
         self._data = None
+        self.metrics = self.inception = None
+        self.feature_info = None
 
     def check(self) -> None:
         self.source.check()
+        if self.options.inception_weights is not None:
+            from flowdiff.metrics.inception import check_inception
+
+            check_inception(self.options.inception_weights)
 
     def data(self):
         if self._data is None:
@@ -239,25 +257,42 @@ class ImageEvaluator(Evaluator):
         from flowdiff.metrics.images import ImageMetrics
 
         train, test = self.data()
-        classifier, self.feature_info = self.source.features(train, test, log, self.options)
         g = torch.Generator().manual_seed(REFERENCE_SEED)
         size = min(self.source.reference_size, len(train[1]))
         self.reference = self.source.to_float(
             train[0][torch.randperm(len(train[1]), generator=g)[:size]]
         )
-        self.metrics = ImageMetrics(classifier, self.reference)
+        classifier, self.feature_info = self.source.features(train, test, log, self.options)
+        if classifier is not None:
+            self.metrics = ImageMetrics(classifier, self.reference, self.num_classes)
+        if self.options.inception_weights:
+            from flowdiff.metrics.inception import load_inception, reference_features
+            from flowdiff.utils import default_cache
+
+            weights = self.options.inception_weights
+            extract = load_inception(weights)
+            cache = self.options.cache_dir or default_cache()
+            self.inception = (
+                extract,
+                reference_features(extract, self.reference, weights, cache, log),
+            )
+        if self.metrics is None and self.inception is None:
+            log(NO_FEATURES)
         g = torch.Generator().manual_seed(FLOOR_SEED)
         pick = torch.randperm(len(test[1]), generator=g)[: min(num_samples, len(test[1]))]
         self.floor_size = len(pick)
         self.floor = self.score(self.source.to_float(test[0][pick]), test[1][pick])
 
     def score(self, samples: Tensor, labels: Tensor | None = None) -> dict:
-        metrics = self.metrics.compare(samples, labels)
-        if self.options.inception_weights:
-            from flowdiff.metrics.images import inception_fid
+        metrics = self.metrics.compare(samples, labels) if self.metrics is not None else {}
+        if self.inception is not None:
+            from flowdiff.metrics.images import frechet_distance, kernel_distance
+            from flowdiff.metrics.inception import inception_features
 
-            weights = self.options.inception_weights
-            metrics["inception_fid"] = inception_fid(self.reference, samples, weights)
+            extract, real = self.inception
+            fake = inception_features(extract, samples)
+            metrics["inception_fid"] = frechet_distance(real, fake)
+            metrics["inception_kid"] = kernel_distance(real, fake)[0]
         return metrics
 
     def likelihood_data(self, n: int) -> LikelihoodData:
@@ -275,13 +310,20 @@ class ImageEvaluator(Evaluator):
         )  # fmt: skip
 
     def protocol(self, num_samples: int) -> dict:
-        return {
+        metrics = []
+        if self.metrics is not None:
+            metrics.append("FID and KID (torchmetrics), precision/recall (k-NN, k=3), accuracy")
+        if self.inception is not None:
+            metrics.append(f"Inception FID/KID ({self.options.inception_weights})")
+        out = {
             "feature network": self.feature_info,
             "reference": f"{len(self.reference)} training images (seed {REFERENCE_SEED})",
-            "floor": f"data ({self.floor_size} test images)",
-            "labels": f"sample i asks for class i mod {self.num_classes}",
-            "metrics": "FID and KID (torchmetrics), precision/recall (k-NN, k=3), accuracy",
+            "floor": f"data ({self.floor_size} held-out images)",
+            "metrics": "; ".join(metrics) or NO_FEATURES,
         }
+        if self.num_classes:
+            out["labels"] = f"sample i asks for class i mod {self.num_classes}"
+        return out
 
     def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
         from flowdiff.plots import image_grid, plot_image_grids

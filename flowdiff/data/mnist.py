@@ -12,70 +12,18 @@ import argparse
 import functools
 import os
 import sys
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from flowdiff.data.base import FlowDataModule
+from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions, ImageEvaluator, ImageSource
 from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
 from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError
-
-# ----------------------------------------------------------------------------- batches
-
-
-class _Batches(IterableDataset):
-    """Whole batches sliced from uint8 images kept in memory, converted to float when produced.
-
-    With a generator, each pass follows a fresh random permutation drawn from it; without one, the
-    order is fixed. The last batch of a pass may be smaller.
-
-    With ``world_size > 1`` (DDP) the pass is split like ``DistributedSampler`` splits it: every
-    rank draws the same permutation, pads it by wrapping around to a multiple of ``world_size``
-    and takes every ``world_size``-th row from ``rank`` on. The ranks see disjoint rows (but for
-    the padding) and the same number of batches. Lightning adds no distributed sampler to an
-    iterable dataset, so without this every rank would train on the same batches.
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        batch_size: int,
-        generator: torch.Generator | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.generator = generator
-        self.rank, self.world_size = rank, world_size
-
-    def _rows(self) -> int:
-        return -(-len(self.labels) // self.world_size)
-
-    def __len__(self) -> int:
-        return -(-self._rows() // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.labels)
-        order = None if self.generator is None else torch.randperm(n, generator=self.generator)
-        if self.world_size > 1:
-            order = torch.arange(n) if order is None else order
-            total = self._rows() * self.world_size
-            order = order.repeat(-(-total // n))[:total][self.rank :: self.world_size]
-            n = len(order)
-        for start in range(0, n, self.batch_size):
-            stop = start + self.batch_size
-            if order is None:
-                x, y = self.images[start:stop], self.labels[start:stop]
-            else:
-                rows = order[start:stop]
-                x, y = self.images.index_select(0, rows), self.labels.index_select(0, rows)
-            yield pixels_to_float(x), y
 
 
 class MNISTDataModule(FlowDataModule):
@@ -149,7 +97,7 @@ class MNISTDataModule(FlowDataModule):
         if not self.splits:
             self.setup()
         images, labels = self.splits[split]
-        batches = _Batches(images, labels, self.hparams.batch_size, generator, *shard)
+        batches = Batches(images, labels, self.hparams.batch_size, generator, *shard)
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
@@ -191,7 +139,9 @@ class MNISTDataModule(FlowDataModule):
 
             cache = options.cache_dir or default_cache()
             log(f"MNIST feature classifier: cache {cache}")
-            model, info = load_or_train_classifier(*splits(), cache, progress=True)
+            model, info = load_or_train_classifier(
+                *splits(), cache, options.min_accuracy, progress=True
+            )
             state = "trained" if info.trained else "loaded"
             log(f"classifier {state}: {info.path} (test accuracy {info.test_accuracy:.4f})")
             accuracy = f"test accuracy {info.test_accuracy:.4f}"

@@ -1,4 +1,4 @@
-"""flowdiff's own MNIST classifier: the feature network of the image metrics.
+"""flowdiff's own image classifiers: the feature networks of the image metrics.
 
 Inception features were made for photographs; on MNIST a small classifier trained on the digits is
 the feature space that means something (its penultimate layer separates the classes). flowdiff
@@ -12,6 +12,11 @@ trains it itself, deterministically, so every user gets the same network from th
   architecture, the training recipe and the SHA-1 of the training and test data: change any of them
   and the name changes, so a stale network is never reused. Written atomically, read with
   ``weights_only=True``; an unreadable cache file is trained again.
+
+Other labelled image data (an image folder, tensor files of images) gets the same treatment with
+:class:`ImageClassifier`, sized by the data (any channels and size), trained by
+:data:`IMAGE_TRAINING` on the data's own training split (:func:`image_recipe`), cached as
+``image-classifier-<hash>.pt``.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowdiff.metrics.pixels import pixels_to_float
-from flowdiff.utils import UsageError, atomic_path
+from flowdiff.utils import UsageError, atomic_path, default_cache  # noqa: F401 (re-exported)
 
 # Bump when anything about the classifier changes that the protocol below does not capture.
 CLASSIFIER_VERSION = 1
 TRAINING = {"seed": 0, "epochs": 3, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4}
+# Any labelled images: at least ``min_steps`` steps (a small dataset gets more epochs).
+IMAGE_TRAINING = {**TRAINING, "min_steps": 1500}
+MIN_ACCURACY = 0.99  # below it, metrics in the classifier's features would mean little
+IMAGE_MIN_ACCURACY = 0.9  # other data is often harder than digits; --min-accuracy sets it
 
 
 class MNISTClassifier(nn.Module):
@@ -80,6 +89,67 @@ class MNISTClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+class ImageClassifier(nn.Module):
+    """A small CNN for images (N, C, H, W) in [-1, 1] of any size: a conv block (batch norm,
+    ReLU) then 2x max pooling a level until the maps are at most 4 pixels, global average pooling,
+    ``features`` (N, 128) and a linear head to ``num_classes`` logits."""
+
+    num_features = 128
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, size, level = in_channels, min(image_size), 0
+        while level == 0 or size > 4:
+            c_out = min(32 * 2**level, 256)
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            c_in, size, level = c_out, size // 2, level + 1
+        self.body = nn.Sequential(
+            *layers,
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c_in, self.num_features),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@dataclass
+class Recipe:
+    """A feature classifier: its cache name, how to build it, how to train it, its floor."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    training: dict
+    min_accuracy: float
+
+
+def mnist_recipe() -> Recipe:
+    return Recipe("mnist-classifier", MNISTClassifier, TRAINING, MIN_ACCURACY)
+
+
+def image_recipe(data_shape, num_classes: int) -> Recipe:
+    """The classifier of labelled images of shape (C, H, W) with ``num_classes`` classes."""
+    channels, height, width = data_shape
+    return Recipe(
+        "image-classifier",
+        lambda: ImageClassifier(channels, (height, width), num_classes),
+        IMAGE_TRAINING,
+        IMAGE_MIN_ACCURACY,
+    )
+
+
 @dataclass
 class ClassifierInfo:
     path: Path
@@ -96,28 +166,23 @@ def _digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-def classifier_protocol(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> dict:
+def classifier_protocol(
+    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], recipe: Recipe | None = None
+) -> dict:
     """Everything the trained weights depend on: architecture, recipe, data."""
+    recipe = recipe or mnist_recipe()
     return {
         "version": CLASSIFIER_VERSION,
-        "architecture": repr(MNISTClassifier()),
-        "training": TRAINING,
+        "architecture": repr(recipe.make()),
+        "training": recipe.training,
         "train_data": _digest(*train),
         "test_data": _digest(*test),
     }
 
 
-MIN_ACCURACY = 0.99  # below it, metrics in the classifier's features would mean little
-
-
-def default_cache() -> Path:
-    """``$FLOWDIFF_CACHE``, else ``~/.cache/flowdiff``."""
-    return Path(os.environ.get("FLOWDIFF_CACHE") or Path.home() / ".cache" / "flowdiff")
-
-
-def cache_path(cache_dir: str | Path, protocol: dict) -> Path:
+def cache_path(cache_dir: str | Path, protocol: dict, name: str = "mnist-classifier") -> Path:
     key = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"mnist-classifier-{key}.pt"
+    return Path(cache_dir) / f"{name}-{key}.pt"
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -143,22 +208,27 @@ def accuracy(classifier: nn.Module, data: tuple[Tensor, Tensor]) -> float:
 
 
 def train_classifier(
-    train: tuple[Tensor, Tensor], log: Callable[[str], None] = print
-) -> MNISTClassifier:
-    """Train :class:`MNISTClassifier` by :data:`TRAINING`: the same data gives the same weights."""
+    train: tuple[Tensor, Tensor], log: Callable[[str], None] = print, recipe: Recipe | None = None
+) -> nn.Module:
+    """Train the classifier of ``recipe`` (default MNIST's, :data:`TRAINING`): the same data
+    gives the same weights."""
+    recipe = recipe or mnist_recipe()
+    training = recipe.training
     images, labels = train
     if len(labels) == 0:
-        raise UsageError("no training images to train the MNIST classifier on")
-    seed, epochs, batch = TRAINING["seed"], TRAINING["epochs"], TRAINING["batch_size"]
+        raise UsageError("no training images to train the feature classifier on")
+    seed, epochs, batch = training["seed"], training["epochs"], training["batch_size"]
+    per_epoch = -(-len(labels) // batch)
+    epochs = max(epochs, -(-training.get("min_steps", 0) // per_epoch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MNISTClassifier()
+        model = recipe.make()
     order = torch.Generator().manual_seed(seed + 1)
-    steps = epochs * -(-len(labels) // batch)
+    steps = epochs * per_epoch
     opt = torch.optim.AdamW(
-        model.parameters(), lr=TRAINING["lr"], weight_decay=TRAINING["weight_decay"]
+        model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"]
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, TRAINING["lr"], total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, training["lr"], total_steps=steps)
     model.train()
     for epoch in range(epochs):
         start, total, count = time.perf_counter(), 0.0, 0
@@ -184,23 +254,25 @@ def load_or_train_classifier(
     cache_dir: str | Path,
     min_accuracy: float | None = None,
     progress: bool = False,
-) -> tuple[MNISTClassifier, ClassifierInfo]:
+    recipe: Recipe | None = None,
+) -> tuple[nn.Module, ClassifierInfo]:
     """The classifier of this protocol from the cache, or trained now and cached.
 
     Raises:
         UsageError: the cache directory cannot be written, or the trained network's test accuracy
             is below ``min_accuracy`` (metrics in its features would mean little).
     """
-    min_accuracy = MIN_ACCURACY if min_accuracy is None else min_accuracy
+    recipe = recipe or mnist_recipe()
+    min_accuracy = recipe.min_accuracy if min_accuracy is None else min_accuracy
     log = (lambda msg: print(f"flowdiff: {msg}", file=sys.stderr)) if progress else (lambda _: None)
-    protocol = classifier_protocol(train, test)
-    path = cache_path(cache_dir, protocol)
+    protocol = classifier_protocol(train, test, recipe)
+    path = cache_path(cache_dir, protocol, recipe.name)
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("protocol") != protocol:
                 raise ValueError("its protocol differs from this one")
-            model = MNISTClassifier()
+            model = recipe.make()
             model.load_state_dict(saved["state_dict"])
             info = ClassifierInfo(path, float(saved["test_accuracy"]), False, protocol)
             return model.eval(), info
@@ -212,14 +284,15 @@ def load_or_train_classifier(
         raise UsageError(f"cannot create the classifier cache {str(path.parent)!r}: {err}") from err
     if not os.access(path.parent, os.W_OK | os.X_OK):  # said now, not after training
         raise UsageError(f"cannot write to the classifier cache {str(path.parent)!r}")
-    log(f"training the MNIST feature classifier (once; cached as {path})")
-    model = train_classifier(train, log)
+    log(f"training the feature classifier (once; cached as {path})")
+    model = train_classifier(train, log, recipe)
     test_accuracy = accuracy(model, test)
     log(f"classifier test accuracy {test_accuracy:.4f}")
     if test_accuracy < min_accuracy:
         raise UsageError(
-            f"the MNIST feature classifier reached {test_accuracy:.4f} test accuracy, below the "
-            f"{min_accuracy} the metrics need; it was not cached"
+            f"the feature classifier reached {test_accuracy:.4f} test accuracy, below the "
+            f"{min_accuracy} the metrics need; it was not cached (evaluate --min-accuracy sets "
+            "the floor)"
         )
     payload = {
         "protocol": protocol,

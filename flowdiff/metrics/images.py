@@ -10,18 +10,13 @@
   with as many reference images as samples.
 - Class accuracy: the classifier's prediction on a sample against the label it was drawn for,
   overall and per class.
-- Inception FID (optional): torchmetrics' FID with the 2048-d Inception-v3 pool features from a
-  weights file the user gives (torch-fidelity's ``pt_inception-2015-12-05`` file); never downloaded.
+- Inception FID and KID (optional): :mod:`flowdiff.metrics.inception`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
-
-from flowdiff.utils import UsageError
 
 PR_K = 3
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
@@ -52,7 +47,7 @@ class Features(nn.Module):
 
 @torch.no_grad()
 def extract(classifier: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
-    """The classifier's features (N, F), float64, of float images (N, 1, H, W), quantised."""
+    """The classifier's features (N, F), float64, of float images (N, C, H, W), quantised."""
     classifier.eval()
     device = next(classifier.parameters()).device
     chunks = [
@@ -121,14 +116,15 @@ class ImageMetrics:
     """Compares image sets with one reference set in the classifier's features.
 
     Args:
-        classifier: ``flowdiff.metrics.classifier.MNISTClassifier`` (``features`` and logits).
-        real_images: the reference, float (N, 1, H, W) in [-1, 1]; its features are computed once.
+        classifier: a ``flowdiff.metrics.classifier`` network (``features`` and logits).
+        real_images: the reference, float (N, C, H, W) in [-1, 1]; its features are computed once.
+        num_classes: classes of the per-class accuracy.
 
     Samples and reference are both quantised (:func:`quantize`) before the classifier sees them.
     """
 
-    def __init__(self, classifier: nn.Module, real_images: Tensor):
-        self.classifier = classifier.eval()
+    def __init__(self, classifier: nn.Module, real_images: Tensor, num_classes: int = 10):
+        self.classifier, self.num_classes = classifier.eval(), num_classes
         self.real = extract(classifier, real_images)
 
     def compare(self, images: Tensor, labels: Tensor | None = None) -> dict:
@@ -146,11 +142,13 @@ class ImageMetrics:
             "recall": recall,
         }
         if labels is not None:
-            out.update(class_accuracy(self.classifier, images, labels))
+            out.update(class_accuracy(self.classifier, images, labels, self.num_classes))
         return out
 
 
-def class_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> dict:
+def class_accuracy(
+    classifier: nn.Module, images: Tensor, labels: Tensor, num_classes: int = 10
+) -> dict:
     """The share of (quantised) images classified as the label they carry, overall and per class
     (``None`` for a class with no image)."""
     from flowdiff.metrics.classifier import predict
@@ -158,41 +156,7 @@ def class_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> dic
     labels = labels.cpu()
     hit = (predict(classifier, quantize(images)) == labels).double()
     per_class = [
-        hit[labels == c].mean().item() if bool((labels == c).any()) else None for c in range(10)
+        hit[labels == c].mean().item() if bool((labels == c).any()) else None
+        for c in range(num_classes)
     ]
     return {"class_accuracy": hit.mean().item(), "class_accuracy_per_class": per_class}
-
-
-def check_inception(weights: str | Path) -> None:
-    """Everything Inception FID needs, checked before any work: the weights file, torch-fidelity."""
-    if not Path(weights).is_file():
-        raise UsageError(f"--inception-weights {str(weights)!r}: no such file")
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError as err:
-        raise UsageError(
-            "--inception-weights needs torch-fidelity (pip install torch-fidelity); flowdiff "
-            "downloads nothing"
-        ) from err
-
-
-def _to_rgb_uint8(images: Tensor) -> Tensor:
-    """Float (N, 1, H, W) in [-1, 1] to uint8 (N, 3, H, W), as Inception's input wants."""
-    pixels = _levels(images).to(torch.uint8)
-    return pixels.expand(-1, 3, -1, -1)
-
-
-def inception_fid(real: Tensor, fake: Tensor, weights: str | Path, batch_size: int = 100) -> float:
-    """FID in the 2048-d pool features of Inception-v3 read from ``weights`` (torchmetrics)."""
-    check_inception(weights)
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    try:
-        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
-    except Exception as err:  # torch-fidelity's own error for a file that is not its weights
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--inception-weights {str(weights)!r}: cannot load ({first})") from err
-    for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch_size):
-            fid.update(_to_rgb_uint8(images[i : i + batch_size]), real=is_real)
-    return float(fid.compute())

@@ -22,6 +22,7 @@ class MLP(Recorded, nn.Module):
         time_embed_dim: size of the sinusoidal time embedding.
         num_classes: number of labels; 0 for an unconditional network. With labels, index
             ``num_classes`` is the null label, for classifier-free guidance and when y is None.
+            None: as many as the data has under the CLI (``flowdiff.nets.base``), 0 otherwise.
     """
 
     def __init__(
@@ -30,9 +31,10 @@ class MLP(Recorded, nn.Module):
         hidden: int = 256,
         depth: int = 3,
         time_embed_dim: int = 64,
-        num_classes: int = 0,
+        num_classes: int | None = None,
     ):
         super().__init__()
+        num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
         self.dim, self.num_classes = dim, num_classes
         self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
         self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None

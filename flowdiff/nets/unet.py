@@ -148,6 +148,7 @@ class UNet(Recorded, nn.Module):
         time_embed_dim: size of the time (and label) embedding.
         num_classes: number of labels; 0 for an unconditional network. With labels, index
             ``num_classes`` is the null label, for classifier-free guidance and when y is None.
+            None: as many as the data has under the CLI (``flowdiff.nets.base``), 0 otherwise.
         attention_levels: indices of the levels whose stages end with a self-attention block.
         num_heads: heads of each self-attention block.
         norm: ``"group"`` (GroupNorm) or ``"batch"`` (BatchNorm, as in the course notebooks).
@@ -162,7 +163,7 @@ class UNet(Recorded, nn.Module):
         channels: Sequence[int] = (32, 64, 128),
         num_res_blocks: int = 2,
         time_embed_dim: int = 128,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         attention_levels: Sequence[int] = (),
         num_heads: int = 4,
         norm: Literal["group", "batch"] = "group",
@@ -171,6 +172,7 @@ class UNet(Recorded, nn.Module):
         zero_init: bool = True,
     ):
         super().__init__()
+        num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
         channels, attention_levels = list(channels), sorted(set(attention_levels))
         _check_config(
             in_channels,

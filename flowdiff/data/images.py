@@ -1,0 +1,162 @@
+"""Your own images: a folder of image files, in torchvision's ``ImageFolder`` layout (labelled) or
+flat (unlabelled), in grey or colour and any size (:mod:`flowdiff.data.image_files`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from flowdiff.data.base import FlowDataModule
+from flowdiff.data.batches import Batches
+from flowdiff.data.evaluators import EvalOptions, ImageEvaluator
+from flowdiff.data.image_files import ImageCache, build_cache, scan
+from flowdiff.utils import UsageError, default_cache
+
+
+class ImageFolderDataModule(FlowDataModule):
+    """Batches ``(x, y)`` of the images under ``root``: x (B, C, S, S) in [-1, 1], y (B,) labels.
+
+    The images are decoded once into a uint8 cache (``cache_dir``, default
+    ``$FLOWDIFF_CACHE/images`` or ``~/.cache/flowdiff/images``) that later epochs and runs
+    memory-map: nothing is decoded again, and data larger than memory trains. A fixed, seeded
+    ``val_fraction`` of the images is held out: validation, and the floor of ``flowdiff
+    evaluate``. Under DDP each rank trains on its own share of every epoch.
+
+    Args:
+        root: a folder with one sub-folder of images per class (labels; the folder names are the
+            class names) or a folder of images (no labels).
+        image_size: side S of the square images: the short side is resized to S, then cropped.
+        channels: 1 (grey) or 3 (RGB); images are converted as asked.
+        random_flip: mirror training images left-right with probability 1/2.
+        p_uncond: label dropout probability for classifier-free guidance (labelled data).
+        batch_size: batch size of all loaders.
+        val_fraction: share of the images held out (at least one).
+        seed: seed of the held-out split and of the training order.
+        cache_dir: where the decoded images are kept.
+        decode_workers: processes decoding the images (default: all cores).
+        skip_unreadable: leave out files Pillow cannot read (counted) instead of stopping.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 32,
+        channels: Literal[1, 3] = 3,
+        random_flip: bool = False,
+        p_uncond: float = 0.1,
+        batch_size: int = 128,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        decode_workers: int | None = None,
+        skip_unreadable: bool = False,
+    ):
+        super().__init__()
+        if root is None:
+            raise UsageError(
+                "data.root is required: the folder of your images (--data.init_args.root PATH)"
+            )
+        _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed)
+        self.save_hyperparameters()
+        self.files = scan(root)
+        self.class_names = self.files.class_names
+        self.num_classes = len(self.class_names) if self.class_names else 0
+        self.p_uncond = float(p_uncond) if self.num_classes else 0.0
+        self.data_shape = (channels, image_size, image_size)
+        self._cache: ImageCache | None = None
+
+    # ----------------------------------------------------------------------------- data
+
+    def cache_folder(self) -> Path:
+        settings = {"image_size": self.data_shape[1], "channels": self.data_shape[0]}
+        base = Path(self.hparams.cache_dir or default_cache() / "images")
+        name = Path(self.hparams.root).resolve().name or "root"
+        return base / f"{name}-{self.files.key(settings)[:16]}"
+
+    def prepare_data(self) -> None:
+        self.cache()
+
+    def cache(self) -> ImageCache:
+        """The decoded images (built now if needed)."""
+        if self._cache is None:
+            channels, size = self.data_shape[0], self.data_shape[1]
+            self._cache = build_cache(
+                self.files, self.cache_folder(), size, channels, self.hparams.decode_workers,
+                self.hparams.skip_unreadable,
+            )  # fmt: skip
+        return self._cache
+
+    def split(self) -> tuple[Tensor, Tensor]:
+        """The row indices of the training and the held-out images (seeded, sorted)."""
+        rows = torch.from_numpy(self.cache().rows)
+        n_val = max(1, math.ceil(self.hparams.val_fraction * len(rows)))
+        if n_val >= len(rows):
+            raise UsageError(
+                f"data.val_fraction {self.hparams.val_fraction} of {len(rows)} images leaves "
+                "none to train on"
+            )
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.hparams.seed))
+        return rows[perm[n_val:]].sort().values, rows[perm[:n_val]].sort().values
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All images uint8 (N, C, S, S), memory-mapped, and labels (N,)."""
+        cache = self.cache()
+        return torch.from_numpy(cache.images), torch.from_numpy(cache.labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.cache()
+
+    def _loader(self, rows: Tensor, generator=None, shard=(0, 1), flip=False) -> DataLoader:
+        images, labels = self.tensors()
+        batches = Batches(images, labels, self.hparams.batch_size, generator, *shard, rows, flip)
+        return DataLoader(batches, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        g = torch.Generator().manual_seed(self.hparams.seed + 7919 * epoch)
+        return self._loader(self.split()[0], g, shard, self.hparams.random_flip)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.split()[1])
+
+    def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``n`` held-out images (chosen by ``seed``) in [-1, 1], and their labels."""
+        from flowdiff.metrics.pixels import pixels_to_float
+
+        images, labels = self.tensors()
+        held_out = self.split()[1]
+        g = torch.Generator().manual_seed(seed)
+        rows = held_out[torch.randperm(len(held_out), generator=g)[:n]]
+        return pixels_to_float(images[rows]), labels[rows]
+
+    def evaluator(self, options: EvalOptions | None = None) -> ImageEvaluator:
+        """FD/KID/precision/recall/accuracy in the features of a classifier trained once on the
+        training split (labelled data), Inception FID/KID with a weights file, bits/dim always."""
+        from flowdiff.data.image_evaluation import folder_source
+
+        return ImageEvaluator(folder_source(self), self.num_classes, options)
+
+
+def _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed) -> None:
+    """Raise UsageError naming the first bad argument of ImageFolderDataModule."""
+    for name, value in (("image_size", image_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"data.{name} must be a positive integer, got {value!r}")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise UsageError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"data.seed must be an integer >= 0, got {seed!r}")
+    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)):
+        raise UsageError(f"data.p_uncond must be a number in [0, 1], got {p_uncond!r}")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise UsageError(f"data.p_uncond must be in [0, 1], got {p_uncond}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise UsageError(f"data.val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
