@@ -6,7 +6,7 @@ batches are row slices of it, and only the rows of a batch are read and converte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -16,7 +16,8 @@ from flowdiff.metrics.pixels import pixels_to_float
 
 
 class Batches(IterableDataset):
-    """Whole batches ``(x, y)`` of uint8 ``images`` (N, C, H, W), x as float in [-1, 1].
+    """Whole batches ``(x, y)`` of uint8 ``images`` (N, C, H, W), x as float in [-1, 1] (or
+    whatever ``convert`` makes of a batch of rows, e.g. float points as they are).
 
     ``rows`` (optional) are the indices of ``images`` this dataset covers (a split of a file that
     is memory-mapped, never copied); without it, all rows. With a generator each pass follows a
@@ -41,11 +42,12 @@ class Batches(IterableDataset):
         world_size: int = 1,
         rows: Tensor | None = None,
         flip: bool = False,
+        convert: Callable[[Tensor], Tensor] = pixels_to_float,
     ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.generator = generator
         self.rank, self.world_size = rank, world_size
-        self.rows, self.flip = rows, flip
+        self.rows, self.flip, self.convert = rows, flip, convert
 
     def _count(self) -> int:
         return len(self.labels) if self.rows is None else len(self.rows)
@@ -73,7 +75,7 @@ class Batches(IterableDataset):
             else:
                 rows = order[start:stop]
                 x, y = self.images.index_select(0, rows), self.labels.index_select(0, rows)
-            x = pixels_to_float(x)
+            x = self.convert(x)
             if self.flip and self.generator is not None:
                 mirror = torch.rand(len(x), generator=self.generator) < 0.5
                 x = torch.where(mirror[:, None, None, None], x.flip(-1), x)

@@ -124,7 +124,8 @@ class Evaluator:
 
 
 class PointEvaluator(Evaluator):
-    """Points in R^d against fresh draws of the data: ``reference(n, seed) -> (x, y)``."""
+    """Points in R^d against fresh draws of the data: ``reference(n, seed) -> (x, y)``; the floor
+    is ``floor(n, seed)`` (default: the reference with another seed) against the reference."""
 
     columns = [Column("w2", "W2"), Column("mmd", "MMD^2 x 1e3", "{:.3f}", 1e3)]
     num_samples = 5000
@@ -132,9 +133,17 @@ class PointEvaluator(Evaluator):
     nll_samples = 1000
     trajectories = True
 
-    def __init__(self, reference: Callable[[int, int], tuple[Tensor, Tensor]], num_classes=0):
+    def __init__(
+        self,
+        reference: Callable[[int, int], tuple[Tensor, Tensor]],
+        num_classes: int = 0,
+        floor: Callable[[int, int], tuple[Tensor, Tensor]] | None = None,
+        names: tuple[str, str] = ("fresh data points", "data"),
+    ):
         super().__init__(num_classes)
         self.reference = reference
+        self.floor_data = floor or reference  # finite data: training points, not held-out ones
+        self.names = names  # what the reference and the floor are, for the protocol
         self.target: Tensor | None = None
 
     def labels(self, n: int) -> Tensor:
@@ -143,7 +152,7 @@ class PointEvaluator(Evaluator):
 
     def prepare(self, num_samples: int, log) -> None:
         self.target = self.reference(num_samples, REFERENCE_SEED)[0]
-        self.floor = self.score(self.reference(num_samples, FLOOR_SEED)[0])
+        self.floor = self.score(self.floor_data(num_samples, FLOOR_SEED)[0])
 
     def score(self, samples: Tensor, labels: Tensor | None = None) -> dict:
         from flowdiff.metrics.points import mmd, wasserstein2
@@ -160,8 +169,8 @@ class PointEvaluator(Evaluator):
 
     def protocol(self, num_samples: int) -> dict:
         return {
-            "reference": f"{num_samples} fresh data points, seed {REFERENCE_SEED}",
-            "floor": f"data (seed {FLOOR_SEED})",
+            "reference": f"{num_samples} {self.names[0]}, seed {REFERENCE_SEED}",
+            "floor": f"{self.names[1]} (seed {FLOOR_SEED})",
             "W2": "exact (POT network simplex)",
             "MMD^2": f"unbiased, sum of RBF kernels, bandwidths {list(BANDWIDTHS)}",
         }
@@ -175,8 +184,14 @@ class PointEvaluator(Evaluator):
     def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
         from flowdiff.plots import plot_labelled_points, plot_points
 
+        def plane(x: Tensor) -> Tensor:  # points of any dimension: the first two coordinates
+            x = x.flatten(x.dim() - len(self.reference(1, 0)[0].shape[1:]))
+            return torch.cat([x, torch.zeros_like(x)], -1)[..., :2] if x.shape[-1] == 1 else x
+
+        panels = {name: (plane(x), y) for name, (x, y) in panels.items()}
         first = next(iter(panels.values()))[0]
-        data = self.reference(len(first), VALIDATION_SEED)[0]
+        data = plane(self.reference(len(first), VALIDATION_SEED)[0])
+        trajectory = plane(trajectory) if trajectory is not None else None
         if len(panels) == 1 and next(iter(panels.values()))[1] is None:
             return plot_points(first, data, trajectory, title=title)
         return plot_labelled_points(panels, data, title=title)

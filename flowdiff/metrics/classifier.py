@@ -41,7 +41,7 @@ from flowdiff.utils import UsageError, atomic_path, default_cache  # noqa: F401 
 CLASSIFIER_VERSION = 1
 TRAINING = {"seed": 0, "epochs": 3, "batch_size": 128, "lr": 2e-3, "weight_decay": 1e-4}
 # Any labelled images: at least ``min_steps`` steps (a small dataset gets more epochs).
-IMAGE_TRAINING = {**TRAINING, "min_steps": 1500}
+IMAGE_TRAINING = {**TRAINING, "min_steps": 600}
 MIN_ACCURACY = 0.99  # below it, metrics in the classifier's features would mean little
 IMAGE_MIN_ACCURACY = 0.9  # other data is often harder than digits; --min-accuracy sets it
 
@@ -241,10 +241,11 @@ def train_classifier(
             opt.step()
             schedule.step()
             total, count = total + loss.item() * len(idx), count + len(idx)
-        log(
-            f"classifier epoch {epoch + 1}/{epochs}: loss {total / count:.4f} "
-            f"({time.perf_counter() - start:.0f} s)"
-        )
+        if (epoch + 1) % -(-epochs // 10) == 0 or epoch + 1 == epochs:  # ~10 lines at most
+            log(
+                f"classifier epoch {epoch + 1}/{epochs}: loss {total / count:.4f} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
     return model.eval()
 
 
