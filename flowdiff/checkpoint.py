@@ -120,7 +120,9 @@ def build_datamodule(record: dict, data_dir: str | None = None) -> L.LightningDa
             raise UsageError(f"--data-dir: {record['class_path']} takes no data_dir")
         config["init_args"]["data_dir"] = data_dir
     try:
-        return build(config)
+        datamodule = build(config)
+        datamodule.recorded = record
+        return datamodule
     except UsageError:
         raise
     except Exception as err:

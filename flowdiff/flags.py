@@ -44,3 +44,21 @@ def check_guidance(model, scales: list[float] | None, labels: list[int] | None =
     bad = [y for y in labels or [] if not 0 <= y < k]
     if bad:
         raise UsageError(f"labels {bad} are outside the model's classes 0..{k - 1}")
+
+
+def resolve_labels(values: list[str] | None, class_names: list[str] | None) -> list[int] | None:
+    """``--labels`` given as class names (``cat,dog``) or indices (``0,3``), as indices."""
+    if values is None:
+        return None
+    names = list(class_names or [])
+    out = []
+    for value in values:
+        value = str(value).strip()
+        if value in names:
+            out.append(names.index(value))
+        elif value.isdigit():
+            out.append(int(value))
+        else:
+            known = f" ({', '.join(names)})" if names else ""
+            raise UsageError(f"--labels: {value!r} is not a class of this model{known}")
+    return out

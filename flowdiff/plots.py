@@ -64,23 +64,67 @@ def image_grid(images: Tensor, nrow: int) -> Tensor:
     return (grid + 1) / 2
 
 
-def plot_image_grids(grids: dict[str, Tensor], title: str = "") -> Figure:
-    """Grids side by side, one panel each, titled by their keys (e.g. ``w = 3``)."""
-    n = len(grids)
-    first = next(iter(grids.values()))
+MAX_COLUMNS = 16  # images a row: a label with more samples wraps onto more rows
+
+
+def labelled_grid(
+    images: Tensor,
+    labels: Tensor | None = None,
+    names: list[str] | None = None,
+    max_columns: int = MAX_COLUMNS,
+) -> tuple[Tensor, list[tuple[float, str]]]:
+    """Images (N, C, H, W) in [-1, 1] as one grid in [0, 1], and ``(y, name)`` row labels (y in
+    grid pixels).
+
+    Without labels the grid is about square (at most ``max_columns`` wide). With labels each
+    class starts a new row, in the order the labels first appear, wrapped at ``max_columns``
+    (the rest of its last row left white) and named (``names[k]``, else ``k``) at its first row.
+    """  # fmt: skip
+    import math
+
+    import torch
+
+    images = images.float().cpu().clamp(-1, 1)
+    if labels is None:
+        columns = max(1, min(max_columns, math.ceil(math.sqrt(len(images)))))
+        return image_grid(images, columns), []
+    labels = labels.cpu()
+    classes = list(dict.fromkeys(labels.tolist()))  # in the order asked
+    columns = max(1, min(max_columns, max(int((labels == k).sum()) for k in classes)))
+    pitch, height = images.shape[-2] + 2, images.shape[-2]  # make_grid pads 2 pixels
+    blocks, rows, row = [], [], 0
+    for k in classes:
+        block = images[labels == k]
+        blocks += [block, torch.ones(-len(block) % columns, *block.shape[1:])]
+        name = names[k] if names and 0 <= k < len(names) else str(k)
+        rows.append((2 + row * pitch + height / 2, name))
+        row += math.ceil(len(block) / columns)
+    return image_grid(torch.cat(blocks), columns), rows
+
+
+def plot_image_grids(grids: dict[str, tuple[Tensor, list]], title: str = "") -> Figure:
+    """Grids side by side, one panel each, titled by their keys (e.g. ``w = 3``), their rows
+    labelled (:func:`labelled_grid`). The figure is sized by the grids: small ones magnified up
+    to 4x, large ones a pixel a pixel, so that every image stays readable."""
+    first, names = next(iter(grids.values()))
     height, width = first.shape[-2:]
-    scale = 6.0 / max(height, width)
-    fig, axes = plt.subplots(
-        1, n, figsize=(n * width * scale + 0.2, height * scale + 0.6), dpi=120, squeeze=False
-    )
-    for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
+    dpi, zoom = 100, max(1.0, min(4.0, 800 / max(height, width)))
+    w, h = width * zoom / dpi, height * zoom / dpi  # inches a panel
+    margin = 0.9 if names else 0.1  # inches left of each panel, for the class names
+    top, bottom = (0.8 if title else 0.4), 0.1
+    fig_w, fig_h = len(grids) * (w + margin) + 0.1, h + top + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    for i, (name, (grid, rows)) in enumerate(grids.items()):
+        left = i * (w + margin) + margin
+        ax = fig.add_axes((left / fig_w, bottom / fig_h, w / fig_w, h / fig_h))
         image = grid.permute(1, 2, 0).numpy()
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name)
         ax.axis("off")
+        for y, text in rows:
+            ax.text(-4, y, text, ha="right", va="center", fontsize=9)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.25 / fig_h, va="top")
     return fig
 
 

@@ -9,9 +9,9 @@ from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
-from flowdiff.flags import check_guidance, comma_lists, plain
+from flowdiff.flags import check_guidance, comma_lists, plain, resolve_labels
 from flowdiff.samplers import with_args
 from flowdiff.utils import UsageError, atomic_path
 
@@ -51,9 +51,10 @@ def build_parser() -> ArgumentParser:
     )
     add(
         "--labels",
-        type=list[NonNegativeInt] | None,
+        type=list[int | str] | None,
         default=None,
-        help="Labels to sample, e.g. 0,1,2 (default with --guidance: every class).",
+        help="Classes to sample, by name or index: cat,dog or 0,1,2 (default with --guidance: "
+        "every class).",
     )
     add(
         "--per-class",
@@ -91,12 +92,13 @@ def plan_labels(cfg, model, evaluator) -> tuple[torch.Tensor | None, list]:
 
 def sample_main(argv: list[str]) -> Path:
     cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
-    cfg.guidance, cfg.labels = plain(cfg.guidance, float), plain(cfg.labels, int)
+    cfg.guidance = plain(cfg.guidance, float)
     from flowdiff.checkpoint import load_run
 
     ckpt_path = Path(cfg.ckpt)
     run = load_run(ckpt_path)
     model = run.model
+    cfg.labels = resolve_labels(cfg.labels, run.checkpoint["data"].get("class_names"))
     sampler = with_args(
         model.sampler, cfg.sampler, steps=cfg.steps, sigma=cfg.sigma,
         sigma_schedule=cfg.sigma_schedule,

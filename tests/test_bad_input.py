@@ -118,7 +118,7 @@ CASES = [
     (
         "sample-label-negative",
         "sample --ckpt {mnist} --out {out} --labels -1 --guidance 2",
-        ["labels", "non-negative"],
+        ["--labels", "is not a class of this model"],
     ),
     (
         "sample-negative-guidance",

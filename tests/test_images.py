@@ -139,7 +139,7 @@ def test_an_unreadable_file_is_named_or_skipped_and_counted(tmp_path):
 def test_bad_folders_and_arguments_are_one_line_errors(tmp_path, make, kwargs, message):
     root = make(tmp_path / "data")
     with pytest.raises(UsageError, match=message):
-        module(root, tmp_path, **kwargs)
+        _ = module(root, tmp_path, **kwargs).num_classes  # the CLI asks at once, to size the net
 
 
 def test_ddp_ranks_draw_disjoint_shares_of_the_training_split(tmp_path):
@@ -179,8 +179,25 @@ def test_scan_orders_classes_and_files_like_torchvision(tmp_path):
     assert found == reference.samples
 
 
-def test_fit_sizes_the_network_from_the_data(tmp_path, run_cli):
+def test_a_checkpointed_model_samples_without_its_images(tmp_path, run_cli):
     root = write_folder(tmp_path / "images", per_class=4)
+    run = fit_tiny(root, tmp_path, run_cli)
+    import shutil
+
+    shutil.rmtree(root)
+    code, out, err = run_cli(
+        "sample", "--ckpt", run / "checkpoints" / "last.ckpt", "--labels", "red,blue",
+        "--per-class", "3", "--steps", "2", "--guidance", "1,2",
+    )  # fmt: skip
+    assert code == 0, err
+    payload = torch.load(next((run / "samples").rglob("samples.pt")), weights_only=True)
+    assert payload["labels"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert payload["samples"].shape == (2, 6, 3, 12, 12)
+    code, _, err = run_cli("sample", "--ckpt", run / "checkpoints" / "last.ckpt", "--labels", "cat")
+    assert code == 2 and "'cat' is not a class of this model (blue, red, white)" in err
+
+
+def fit_tiny(root, tmp_path, run_cli):
     run = tmp_path / "run"
     code, _, err = run_cli(
         "fit", "--config", "images.yaml", "--data.init_args.root", root,
@@ -191,6 +208,12 @@ def test_fit_sizes_the_network_from_the_data(tmp_path, run_cli):
         "--validation.num_samples", "6", "--model.sampler.init_args.steps", "2",
     )  # fmt: skip
     assert code == 0, err
+    return run
+
+
+def test_fit_sizes_the_network_from_the_data(tmp_path, run_cli):
+    root = write_folder(tmp_path / "images", per_class=4)
+    run = fit_tiny(root, tmp_path, run_cli)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     net = ckpt["hyper_parameters"]["net"]["init_args"]
     assert net["in_channels"] == 3 and net["num_classes"] == 3

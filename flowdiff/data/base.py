@@ -40,6 +40,7 @@ class FlowDataModule(L.LightningDataModule):
     num_classes: int = 0
     class_names: list[str] | None = None
     p_uncond: float = 0.0
+    recorded: dict | None = None  # what a checkpoint recorded of this data (describe()), if any
 
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` held-out samples (in the model's value range) and their labels, chosen by

@@ -234,9 +234,16 @@ class ImageEvaluator(Evaluator):
     per_class = 8
     validation_size = 32
 
-    def __init__(self, source: ImageSource, num_classes: int, options: EvalOptions | None = None):
+    def __init__(
+        self,
+        source: ImageSource,
+        num_classes: int,
+        options: EvalOptions | None = None,
+        class_names: list[str] | None = None,
+    ):
         super().__init__(num_classes)
         self.source, self.options = source, options or EvalOptions()
+        self.class_names = class_names
         self.columns = []
         if source.classifier:
             self.columns += [
@@ -341,14 +348,10 @@ class ImageEvaluator(Evaluator):
         return out
 
     def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
-        from flowdiff.plots import image_grid, plot_image_grids
+        from flowdiff.plots import labelled_grid, plot_image_grids
 
-        grids = {}
-        for name, (images, labels) in panels.items():
-            per_row = 8
-            if labels is not None:  # one row per label
-                order = torch.sort(labels.cpu(), stable=True).indices
-                images = images[order.to(images.device)]
-                per_row = int(torch.bincount(labels.cpu()).max())
-            grids[name] = image_grid(images, nrow=per_row)
+        grids = {
+            name: labelled_grid(images, labels, self.class_names)
+            for name, (images, labels) in panels.items()
+        }
         return plot_image_grids(grids, title=title)

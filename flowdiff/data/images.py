@@ -3,6 +3,7 @@ flat (unlabelled), in grey or colour and any size (:mod:`flowdiff.data.image_fil
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from flowdiff.data.base import FlowDataModule
 from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions, ImageEvaluator
-from flowdiff.data.image_files import ImageCache, build_cache, scan
+from flowdiff.data.image_files import ImageCache, ImageList, build_cache, scan
 from flowdiff.utils import UsageError, default_cache
 
 
@@ -63,12 +64,28 @@ class ImageFolderDataModule(FlowDataModule):
             )
         _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed)
         self.save_hyperparameters()
-        self.files = scan(root)
-        self.class_names = self.files.class_names
-        self.num_classes = len(self.class_names) if self.class_names else 0
-        self.p_uncond = float(p_uncond) if self.num_classes else 0.0
         self.data_shape = (channels, image_size, image_size)
         self._cache: ImageCache | None = None
+
+    # The folder is read when first asked (the CLI asks at once, to size the network): a model
+    # loaded from a checkpoint samples with the classes it recorded, without the images.
+    @functools.cached_property
+    def files(self) -> ImageList:
+        return scan(self.hparams.root)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        if self.recorded is not None:
+            return self.recorded["class_names"]
+        return self.files.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else 0
+
+    @property
+    def p_uncond(self) -> float:
+        return float(self.hparams.p_uncond) if self.num_classes else 0.0
 
     # ----------------------------------------------------------------------------- data
 
@@ -140,7 +157,7 @@ class ImageFolderDataModule(FlowDataModule):
         training split (labelled data), Inception FID/KID with a weights file, bits/dim always."""
         from flowdiff.data.image_evaluation import folder_source
 
-        return ImageEvaluator(folder_source(self), self.num_classes, options)
+        return ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
 
 
 def _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed) -> None:

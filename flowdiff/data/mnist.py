@@ -149,7 +149,7 @@ class MNISTDataModule(FlowDataModule):
             return model, line
 
         source = ImageSource(load, features, pixels_to_float, check=raw)
-        return ImageEvaluator(source, self.num_classes, options)
+        return ImageEvaluator(source, self.num_classes, options, self.class_names)
 
 
 def _seeded(seed: int) -> torch.Generator:

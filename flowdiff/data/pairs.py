@@ -164,7 +164,7 @@ class TensorPairsDataModule(FlowDataModule):
                 return (self.x[train], self.y[train]), (self.x[val], self.y[val])
 
             source = labelled_source(load, self.data_shape, self.num_classes)
-            return ImageEvaluator(source, self.num_classes, options)
+            return ImageEvaluator(source, self.num_classes, options, self.class_names)
 
         def floor(n: int, seed: int) -> tuple[Tensor, Tensor]:
             return self._draw(self.train_rows, n, seed)
