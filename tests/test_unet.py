@@ -171,3 +171,11 @@ def test_attention_level_adds_blocks(level):
 def test_bad_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         small(**kwargs)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_colour_images_at_32_64_and_128_pixels(size):
+    net = UNet(in_channels=3, channels=[8, 16, 32], num_res_blocks=1, norm_groups=4, num_classes=5)
+    x = torch.randn(2, 3, size, size)
+    out = net(x, torch.rand(2), torch.tensor([0, 5]))
+    assert out.shape == (2, 3, size, size) and torch.isfinite(out).all()

@@ -83,10 +83,18 @@ def build_parser() -> ArgumentParser:
         help="Where a feature classifier is kept (default: $FLOWDIFF_CACHE or ~/.cache/flowdiff).",
     )
     add(
+        "--min-accuracy",
+        type=NonNegativeFloat | None,
+        default=None,
+        help="Refuse a feature classifier below this held-out accuracy (default: 0.99 for "
+        "MNIST, 0.9 for other labelled images).",
+    )
+    add(
         "--inception-weights",
         type=str | None,
         default=None,
-        help="Local FID Inception weights (pt_inception-2015-12-05): adds Inception FID.",
+        help="Inception-v3 weights: TorchScript, or torch-fidelity's pt_inception-2015-12-05 "
+        "(needs torch-fidelity); adds Inception FID and KID.",
     )
     add("--wandb", type=bool, default=True, help="Log the table and plots to W&B.")
     add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
@@ -168,7 +176,8 @@ def evaluate_main(argv: list[str]) -> Path | None:
     model = run.model
     if run.datamodule is None:
         raise UsageError(f"{str(ckpt)!r} records no datamodule to evaluate against")
-    evaluator = run.datamodule.evaluator(EvalOptions(cfg.classifier_cache, cfg.inception_weights))
+    options = EvalOptions(cfg.classifier_cache, cfg.inception_weights, cfg.min_accuracy)
+    evaluator = run.datamodule.evaluator(options)
     evaluator.check()  # data present, weights files: no work yet
     plan = make_plan(cfg, model, evaluator, ckpt.resolve().parent.parent)
     fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.num_nodes)

@@ -133,7 +133,9 @@ class ImageMetrics:
         fake = extract(self.classifier, images)
         kid_mean, kid_std = kernel_distance(self.real, fake)
         # As many reference points as samples: manifold radii shrink with the number of points.
-        precision, recall = precision_recall(self.real[: len(fake)], fake)
+        # A set of k points or fewer (a tiny held-out split) has no k-NN manifold: no value.
+        few = min(len(fake), len(self.real)) <= PR_K
+        precision, recall = (None, None) if few else precision_recall(self.real[: len(fake)], fake)
         out = {
             "fid": frechet_distance(self.real, fake),
             "kid_mean": kid_mean,
