@@ -1,5 +1,6 @@
 """Shared pieces of flowdiff's own commands (``sample``, ``evaluate``): typed list flags written
-with commas, and the guidance checks both make before any work."""
+with commas, the guidance checks both make before any work, and the parsing of ``--grid`` and
+``--guidance-interval``."""
 
 from __future__ import annotations
 
@@ -44,3 +45,32 @@ def check_guidance(model, scales: list[float] | None, labels: list[int] | None =
     bad = [y for y in labels or [] if not 0 <= y < k]
     if bad:
         raise UsageError(f"labels {bad} are outside the model's classes 0..{k - 1}")
+
+
+def parse_intervals(values: list[str] | str | None) -> list[tuple[float, float]] | None:
+    """``--guidance-interval 0.2,0.8`` (one or several, space-separated) as ``[(0.2, 0.8)]``."""
+    from flowdiff.fields import check_interval
+
+    if values is None:
+        return None
+    values = [values] if isinstance(values, str) else values
+    intervals = []
+    for text in values:
+        parts = str(text).split(",")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 2:
+            raise UsageError(f"--guidance-interval takes a,b (e.g. 0.2,0.8), got {text!r}")
+        intervals.append(check_interval(numbers))
+    return intervals
+
+
+def check_interval_use(intervals: list | None, guided: bool) -> None:
+    """A guidance interval limits guidance: without guided sampling it means nothing."""
+    if intervals is not None and not guided:
+        raise UsageError(
+            "--guidance-interval limits classifier-free guidance: it needs a conditional model "
+            "sampled with --guidance"
+        )
