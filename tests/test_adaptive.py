@@ -212,7 +212,7 @@ def test_names_and_defaults():
     assert sampler_class("dopri5") is Dopri5Sampler
     sampler = get_sampler("dopri5", atol=1e-3)
     assert repr(sampler) == "Dopri5Sampler(atol=0.001, rtol=1e-05)"
-    assert sampler.label == "dopri5" and not hasattr(sampler, "steps")
+    assert sampler.label == "dopri5-atol0.001-rtol1e-05" and not hasattr(sampler, "steps")
     assert repr(with_args(EulerSampler(10), "dopri5", rtol=1e-4)) == (
         "Dopri5Sampler(atol=1e-05, rtol=0.0001)"
     )

@@ -136,7 +136,10 @@ def test_sample_with_dopri5_and_with_a_grid(toy_runs, name, tmp_path, run_cli):
     model = load_run(ckpt).model
     for args, sampler in (
         (["--sampler", "dopri5", "--atol", "1e-4", "--rtol", "1e-3"], Dopri5Sampler(1e-4, 1e-3)),
-        (["--sampler", "heun", "--steps", "6", "--grid", "shift:3"], HeunSampler(6, ShiftGrid(3.0))),
+        (
+            ["--sampler", "heun", "--steps", "6", "--grid", "shift:3"],
+            HeunSampler(6, ShiftGrid(3.0)),
+        ),
     ):
         out = tmp_path / sampler.label
         code, stdout, err = run_cli("sample", "--ckpt", ckpt, "--num-samples", 200, "--seed", 3,

@@ -57,6 +57,11 @@ class Dopri5Sampler(ODEIntegrator):
                 raise UsageError(f"{key} must be a finite number > 0, got {value}")
         self.atol, self.rtol = float(atol), float(rtol)
 
+    @property
+    def label(self) -> str:
+        """``dopri5-atol1e-05-rtol1e-05``: progress bars and file names."""
+        return f"{self.short_name}-atol{self.atol:g}-rtol{self.rtol:g}"
+
     def integrate(
         self, f: RHS, y_0: State, t_0: float, t_1: float, return_trajectory: bool = False
     ) -> tuple[State, Tensor | State | None]:
