@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiff.paths import GaussianConditionalPath, Prediction
-from flowdiff.utils import UsageError, as_time
+from flowdiff.utils import UsageError, as_time, expand_like
 
 
 class Field:
@@ -34,6 +34,17 @@ def guide(out_null: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
     return out_null + guidance * (out_cond - out_null)
 
 
+def check_interval(interval) -> tuple[float, float]:
+    """``(a, b)`` with ``0 <= a <= b <= 1``, or a UsageError naming the problem."""
+    try:
+        a, b = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UsageError(f"a guidance interval is two times a,b; got {interval!r}") from None
+    if not 0.0 <= a <= b <= 1.0:
+        raise UsageError(f"a guidance interval needs 0 <= a <= b <= 1, got {a:g},{b:g}")
+    return a, b
+
+
 class ModelField(Field):
     """A network ``net(x, t, y)`` viewed as a velocity and a score.
 
@@ -46,6 +57,9 @@ class ModelField(Field):
             one batched forward pass of size 2B, combined as ``(1 - w) out(x|null) + w out(x|y)``.
             ``None`` (or 1 with labels) evaluates the conditional branch only, 0 the null branch.
         null_label: index of the null class (the network's ``num_classes``).
+        guidance_interval: ``(a, b)``: guide only at times ``a <= t <= b`` (Kynkäänniemi et al.
+            2024); elsewhere the field is the conditional branch alone, one forward of size B.
+            The NFE counts field evaluations either way (CFG doubles the batch, not the NFE).
     """
 
     def __init__(
@@ -56,6 +70,7 @@ class ModelField(Field):
         y: Tensor | None = None,
         guidance: float | None = None,
         null_label: int | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ):
         if guidance is not None and y is None:
             raise UsageError("guidance needs labels to condition on")
@@ -63,18 +78,32 @@ class ModelField(Field):
             raise UsageError("guidance needs a model trained with a null label")
         self.net, self.path, self.prediction = net, path, prediction
         self.y, self.guidance, self.null_label = y, guidance, null_label
+        self.guidance_interval = None
+        if guidance_interval is not None:
+            self.guidance_interval = check_interval(guidance_interval)
 
     def output(self, x: Tensor, t: Tensor) -> Tensor:
         """The (guided) network prediction at ``(x, t)``."""
         t = as_time(t, x)
         if self.y is None or self.guidance is None or self.guidance == 1.0:
             return self.net(x, t, self.y)
+        inside = None
+        if self.guidance_interval is not None:
+            a, b = self.guidance_interval
+            inside = (t >= a) & (t <= b)
+            if not inside.any():  # w = 1 here: the conditional branch alone
+                return self.net(x, t, self.y)
+            if inside.all():
+                inside = None
         null = torch.full_like(self.y, self.null_label)
-        if self.guidance == 0.0:  # the unconditional field alone: one forward of size B
+        if self.guidance == 0.0 and inside is None:  # the unconditional field alone: one forward
             return self.net(x, t, null)
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, self.y]))
         out_null, out_cond = out.chunk(2)
-        return guide(out_null, out_cond, self.guidance)
+        guided = guide(out_null, out_cond, self.guidance)
+        if inside is None:
+            return guided
+        return torch.where(expand_like(inside, x), guided, out_cond)  # times differ in the batch
 
     def velocity_and_score(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         t = as_time(t, x)

@@ -1,5 +1,6 @@
 """Shared pieces of flowdiff's own commands (``sample``, ``evaluate``): typed list flags written
-with commas, and the guidance checks both make before any work."""
+with commas, the guidance checks both make before any work, and the parsing of ``--grid`` and
+``--guidance-interval``."""
 
 from __future__ import annotations
 
@@ -62,3 +63,32 @@ def resolve_labels(values: list[str] | None, class_names: list[str] | None) -> l
             known = f" ({', '.join(names)})" if names else ""
             raise UsageError(f"--labels: {value!r} is not a class of this model{known}")
     return out
+
+
+def parse_intervals(values: list[str] | str | None) -> list[tuple[float, float]] | None:
+    """``--guidance-interval 0.2,0.8`` (one or several, space-separated) as ``[(0.2, 0.8)]``."""
+    from flowdiff.fields import check_interval
+
+    if values is None:
+        return None
+    values = [values] if isinstance(values, str) else values
+    intervals = []
+    for text in values:
+        parts = str(text).split(",")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 2:
+            raise UsageError(f"--guidance-interval takes a,b (e.g. 0.2,0.8), got {text!r}")
+        intervals.append(check_interval(numbers))
+    return intervals
+
+
+def check_interval_use(intervals: list | None, guided: bool) -> None:
+    """A guidance interval limits guidance: without guided sampling it means nothing."""
+    if intervals is not None and not guided:
+        raise UsageError(
+            "--guidance-interval limits classifier-free guidance: it needs a conditional model "
+            "sampled with --guidance"
+        )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flowdiff.fields import Field
-from flowdiff.samplers import CountingField, ODESampler, RK4Sampler
+from flowdiff.samplers import CountingField, FixedGridSampler, ODEIntegrator, RK4Sampler
 from flowdiff.utils import UsageError
 
 Divergence = Literal["exact", "hutchinson"]
@@ -44,7 +44,7 @@ class LikelihoodResult:
 def log_likelihood(
     field: Field,
     x: Tensor,
-    solver: ODESampler | None = None,
+    solver: ODEIntegrator | None = None,
     t_start: float | None = None,
     t_end: float = 1.0,
     divergence: Divergence = "exact",
@@ -56,8 +56,8 @@ def log_likelihood(
 
     The augmented ODE ``d/dt [x_t, l_t] = [u_t(x_t), div u_t(x_t)]`` is integrated backward from
     ``x_{t_end} = x, l = 0`` to ``t_start`` by ``solver`` (any ODE sampler of
-    :mod:`flowdiff.samplers`; RK4 with 100 uniform steps by default), the same solver layer that
-    draws samples; then ``log p = log N(x_0; 0, I) + l``.
+    :mod:`flowdiff.samplers`, fixed-grid or adaptive; RK4 with 100 uniform steps by default), the
+    same solver layer that draws samples; then ``log p = log N(x_0; 0, I) + l``.
 
     Time range. A trained model is only defined on ``[t_min, t_max]`` of its path (a score or
     noise network cannot be turned into a velocity at t = 0), so ``t_start`` defaults to
@@ -71,8 +71,9 @@ def log_likelihood(
     Rademacher probes (the default) have the smaller variance. The probes are drawn afresh from
     ``generator`` at every evaluation: the state never depends on the estimate, so the result is
     a quadrature of ``div u`` along a deterministic trajectory, and independent probes at its
-    nodes make its variance fall like ``1 / steps`` (FFJORD fixes the probe because its adaptive
-    solver needs a deterministic right-hand side; a fixed grid does not).
+    nodes make its variance fall like ``1 / steps``. An adaptive solver (``dopri5``) needs a
+    deterministic right-hand side to estimate its error, so with one the probes are drawn once
+    and kept for the whole integration, as FFJORD does.
 
     The divergence is computed under ``torch.enable_grad()`` outside inference mode, so this works
     inside ``torch.no_grad()`` and Lightning's evaluation loops; the state is detached between
@@ -83,7 +84,7 @@ def log_likelihood(
         ``LikelihoodResult``: ``log_prob`` (B,) in x's dtype, ``x_0`` (B, *D) and the NFE.
     """
     solver = RK4Sampler(100) if solver is None else solver
-    if not isinstance(solver, ODESampler):
+    if not isinstance(solver, ODEIntegrator):
         raise UsageError(f"the likelihood needs an ODE solver, got {solver!r}")
     if divergence not in DIVERGENCES:
         raise UsageError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
@@ -109,11 +110,16 @@ def log_likelihood(
             if divergence == "exact":
                 div_u = exact_divergence(u, x_in)
             else:
-                v = draw_probes((probes, *x_in.shape), x_in, probe_distribution, generator)
+                v = fixed_probes
+                if v is None:
+                    v = draw_probes((probes, *x_in.shape), x_in, probe_distribution, generator)
                 div_u = hutchinson_divergence(u, x_in, v)
         return u.detach(), div_u.detach()
 
     with torch.inference_mode(False):
+        fixed_probes = None  # drawn once for an adaptive solver
+        if divergence == "hutchinson" and not isinstance(solver, FixedGridSampler):
+            fixed_probes = draw_probes((probes, *x.shape), x, probe_distribution, generator)
         x_t = x.detach().clone()
         log_det = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         (x_0, log_det), _ = solver.integrate(rhs, (x_t, log_det), t_end, t_start)

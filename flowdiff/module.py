@@ -184,10 +184,17 @@ class FlowModule(L.LightningModule):
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def field(self, y: Tensor | None = None, guidance: float | None = None) -> ModelField:
-        """The network as a field for the samplers, guided when labels and a scale are given."""
+    def field(
+        self,
+        y: Tensor | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> ModelField:
+        """The network as a field for the samplers, guided when labels and a scale are given
+        (only for ``a <= t <= b`` with a ``guidance_interval``)."""
         null = self.net.num_classes if self.conditional else None
-        return ModelField(self.net, self.path, self.objective.prediction, y, guidance, null)
+        prediction = self.objective.prediction
+        return ModelField(self.net, self.path, prediction, y, guidance, null, guidance_interval)
 
     @torch.no_grad()
     def sample(
@@ -200,6 +207,7 @@ class FlowModule(L.LightningModule):
         return_trajectory: bool = False,
         batch_size: int | None = None,
         progress: bool = False,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> SampleResult:
         """Integrate from ``x_0 ~ N(0, I)`` at ``t_min`` to t = 1 with ``sampler``.
 
@@ -223,7 +231,7 @@ class FlowModule(L.LightningModule):
             starts = tqdm(starts, desc="sampling", unit="batch", disable=not sys.stderr.isatty())
         for start in starts:
             y_chunk = y[start : start + size] if y is not None else None
-            field = self.field(y_chunk, guidance)
+            field = self.field(y_chunk, guidance, guidance_interval)
             x = x_0[start : start + size]
             results.append(
                 sampler.sample(field, x, self.path.t_min, 1.0, return_trajectory, generator)

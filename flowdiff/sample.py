@@ -9,10 +9,17 @@ from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from flowdiff.flags import check_guidance, comma_lists, plain, resolve_labels
-from flowdiff.samplers import with_args
+from flowdiff.flags import (
+    check_guidance,
+    check_interval_use,
+    comma_lists,
+    parse_intervals,
+    plain,
+    resolve_labels,
+)
+from flowdiff.samplers import parse_grid, with_args
 from flowdiff.utils import UsageError, atomic_path
 
 LIST_FLAGS = {"--guidance", "--labels"}
@@ -32,10 +39,23 @@ def build_parser() -> ArgumentParser:
         "--sampler",
         type=str | None,
         default=None,
-        help="Another sampler: euler, heun, midpoint, rk4, euler-maruyama, a class name or a "
-        "class path (default: the checkpoint's).",
+        help="Another sampler: euler, heun, midpoint, rk4, euler-maruyama, dopri5 (adaptive), a "
+        "class name or a class path (default: the checkpoint's).",
     )
-    add("--steps", type=PositiveInt | None, default=None, help="Integration steps.")
+    add(
+        "--steps",
+        type=PositiveInt | None,
+        default=None,
+        help="Integration steps (fixed-grid samplers; dopri5 has none).",
+    )
+    add(
+        "--grid",
+        type=str | None,
+        default=None,
+        help="Time grid of a fixed-grid sampler: uniform, edm (edm:RHO), shift:S, power:P.",
+    )
+    add("--atol", type=PositiveFloat | None, default=None, help="dopri5: absolute tolerance.")
+    add("--rtol", type=PositiveFloat | None, default=None, help="dopri5: relative tolerance.")
     add("--sigma", type=NonNegativeFloat | None, default=None, help="Diffusion scale (SDE).")
     add(
         "--sigma-schedule",
@@ -48,6 +68,12 @@ def build_parser() -> ArgumentParser:
         type=list[NonNegativeFloat] | None,
         default=None,
         help="Classifier-free guidance scale w, or several: 1,3,5 (one grid per scale).",
+    )
+    add(
+        "--guidance-interval",
+        type=str | None,
+        default=None,
+        help="Guide only for flow times a <= t <= b, e.g. 0.2,0.8 (w = 1 elsewhere).",
     )
     add(
         "--labels",
@@ -93,6 +119,9 @@ def plan_labels(cfg, model, evaluator) -> tuple[torch.Tensor | None, list]:
 def sample_main(argv: list[str]) -> Path:
     cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
     cfg.guidance = plain(cfg.guidance, float)
+    grid = parse_grid(cfg.grid) if cfg.grid is not None else None
+    interval = (parse_intervals(cfg.guidance_interval) or [None])[0]
+    atol, rtol = (None if v is None else float(v) for v in (cfg.atol, cfg.rtol))
     from flowdiff.checkpoint import load_run
 
     ckpt_path = Path(cfg.ckpt)
@@ -101,12 +130,13 @@ def sample_main(argv: list[str]) -> Path:
     cfg.labels = resolve_labels(cfg.labels, run.checkpoint["data"].get("class_names"))
     sampler = with_args(
         model.sampler, cfg.sampler, steps=cfg.steps, sigma=cfg.sigma,
-        sigma_schedule=cfg.sigma_schedule,
+        sigma_schedule=cfg.sigma_schedule, grid=grid, atol=atol, rtol=rtol,
     )  # fmt: skip
     if run.datamodule is None:
         raise UsageError(f"{str(ckpt_path)!r} records no datamodule (nothing says what to draw)")
     evaluator = run.datamodule.evaluator()
     y, scales = plan_labels(cfg, model, evaluator)
+    check_interval_use(cfg.guidance_interval, cfg.guidance is not None)
 
     default = ckpt_path.resolve().parent.parent / "samples" / f"{sampler.label}-seed{cfg.seed}"
     out = Path(cfg.out) if cfg.out else default
@@ -139,6 +169,7 @@ def sample_main(argv: list[str]) -> Path:
                 return_trajectory=trajectory,
                 batch_size=cfg.batch_size or evaluator.chunk_size,
                 progress=True,
+                guidance_interval=interval,
             )  # fmt: skip
         )
     seconds = time.perf_counter() - start
@@ -148,6 +179,7 @@ def sample_main(argv: list[str]) -> Path:
         "samples": samples[0] if y is None else samples,
         "labels": y,
         "guidance": scales if y is not None else None,
+        "guidance_interval": list(interval) if interval is not None else None,
         "nfe": nfe,
         "sampler": repr(sampler),
         "seed": cfg.seed,
@@ -156,7 +188,8 @@ def sample_main(argv: list[str]) -> Path:
     names = [f"w = {w:g}" if w is not None else "" for w in scales]
     panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
     path = results[0].trajectory.float().cpu() if trajectory else None
-    fig = evaluator.figure(panels, path, title=f"{sampler!r} (NFE {nfe})")
+    limited = f", guided for {interval[0]:g} <= t <= {interval[1]:g}" if interval else ""
+    fig = evaluator.figure(panels, path, title=f"{sampler!r} (NFE {nfe}{limited})")
     # Each file appears whole; the samples only once the picture is written (an existing pair
     # stays as it was if either fails).
     from flowdiff.plots import save_figure

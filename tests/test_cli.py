@@ -125,6 +125,54 @@ def test_guided_sampling_of_a_conditional_model(toy_runs, tmp_path, run_cli):
     assert (out / "samples.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("name", ["toy", "toy_csm"])
+def test_sample_with_dopri5_and_with_a_grid(toy_runs, name, tmp_path, run_cli):
+    """The CLI's samples are those of FlowModule.sample with the same sampler and seed; dopri5's
+    NFE is what its field counted (the score model's field is clamped to [t_min, t_max])."""
+    from flowdiff.checkpoint import load_run
+    from flowdiff.samplers import Dopri5Sampler, HeunSampler, ShiftGrid
+
+    ckpt = toy_runs[name] / "checkpoints" / "last.ckpt"
+    model = load_run(ckpt).model
+    for args, sampler in (
+        (["--sampler", "dopri5", "--atol", "1e-4", "--rtol", "1e-3"], Dopri5Sampler(1e-4, 1e-3)),
+        (
+            ["--sampler", "heun", "--steps", "6", "--grid", "shift:3"],
+            HeunSampler(6, ShiftGrid(3.0)),
+        ),
+    ):
+        out = tmp_path / sampler.label
+        code, stdout, err = run_cli("sample", "--ckpt", ckpt, "--num-samples", 200, "--seed", 3,
+                                    "--out", out, *args)  # fmt: skip
+        assert code == 0, err
+        saved = torch.load(out / "samples.pt", weights_only=True)
+        expected = model.sample(200, sampler, generator=torch.Generator().manual_seed(3))
+        assert saved["sampler"] == repr(sampler) and saved["nfe"] == expected.nfe
+        torch.testing.assert_close(saved["samples"], expected.x, rtol=0, atol=0)
+        assert f"NFE {expected.nfe}" in stdout
+    assert saved["nfe"] == 11
+
+
+def test_sample_with_a_guidance_interval(toy_runs, tmp_path, run_cli):
+    from flowdiff.checkpoint import load_run
+    from flowdiff.samplers import EulerSampler
+
+    ckpt = toy_runs["toy_cfg"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    code, _, err = run_cli("sample", "--ckpt", ckpt, "--guidance", "3", "--labels", "2,5",
+                           "--per-class", 40, "--steps", 5, "--guidance-interval", "0.3,0.7",
+                           "--out", out)  # fmt: skip
+    assert code == 0, err
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["guidance_interval"] == [0.3, 0.7] and saved["nfe"] == 5
+    y = torch.tensor([2] * 40 + [5] * 40)
+    model, g = load_run(ckpt).model, torch.Generator().manual_seed(0)
+    expected = model.sample(80, EulerSampler(5), y, 3.0, g, guidance_interval=(0.3, 0.7)).x
+    torch.testing.assert_close(saved["samples"][0], expected, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    assert not torch.allclose(saved["samples"][0], model.sample(80, EulerSampler(5), y, 3.0, g).x)
+
+
 @pytest.mark.parametrize(
     "run,args,message",
     [

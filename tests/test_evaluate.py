@@ -16,7 +16,15 @@ from flowdiff.data.evaluators import BANDWIDTHS, FLOOR_SEED, NLL_SEED, REFERENCE
 from flowdiff.evaluate.sharding import chunk_generator
 from flowdiff.likelihood import log_likelihood
 from flowdiff.metrics.points import mmd, wasserstein2
-from flowdiff.samplers import RK4Sampler, get_sampler
+from flowdiff.samplers import (
+    Dopri5Sampler,
+    EDMGrid,
+    HeunSampler,
+    RK4Sampler,
+    ShiftGrid,
+    UniformGrid,
+    get_sampler,
+)
 
 TINY = [
     "--trainer.max_steps", "20",
@@ -53,16 +61,21 @@ def evaluate(run_cli, ckpt, out, *args):
     return run_cli("evaluate", "--ckpt", ckpt, "--out", out, *SMALL, *args)
 
 
-def expected_row(model, steps, name, n, size, seed, reference, y=None, guidance=None):
+def expected_row(model, steps, name, n, size, seed, reference, y=None, guidance=None,
+                 interval=None, nfe=None):  # fmt: skip
     """A row's metrics from the protocol's definition: chunk c has the noise of seed
-    ``seed * 1000003 + c``; samples against the fixed reference."""
-    sampler = get_sampler(name, steps)
+    ``seed * 1000003 + c``; samples against the fixed reference. ``name`` may be a sampler;
+    ``nfe``, a list, receives each chunk's NFE."""
+    sampler = get_sampler(name, steps) if isinstance(name, str) else name
     parts = []
     for c, lo in enumerate(range(0, n, size)):
         hi = min(n, lo + size)
         labels = y[lo:hi] if y is not None else None
-        result = model.sample(hi - lo, sampler, labels, guidance, chunk_generator(seed, c))
+        result = model.sample(hi - lo, sampler, labels, guidance, chunk_generator(seed, c),
+                              guidance_interval=interval)  # fmt: skip
         parts.append(result.x)
+        if nfe is not None:
+            nfe.append(result.nfe)
     samples = torch.cat(parts)
     return {"w2": wasserstein2(samples, reference), "mmd": mmd(samples, reference, BANDWIDTHS)}
 
@@ -138,6 +151,65 @@ def test_guidance_sweep_plumbing_of_a_conditional_model(toy_ckpts, run_cli, tmp_
     assert row["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
+def test_grid_and_tolerance_sweep(toy_ckpts, run_cli, tmp_path):
+    """One row per grid for the fixed-grid sampler, one per tolerance for dopri5 (whose NFE is
+    measured: the largest of any chunk), each recomputed from the protocol."""
+    out = tmp_path / "eval"
+    code, stdout, err = evaluate(
+        run_cli, toy_ckpts["toy"], out, "--sampler", "heun,dopri5", "--steps", "3",
+        "--grid", "uniform,edm,shift:3", "--atol", "1e-3,1e-5", "--nll", "false",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [(r["name"], r["steps"], r["grid"], r["atol"]) for r in rows] == [
+        ("heun", 3, "uniform", None),
+        ("heun", 3, "edm:7", None),
+        ("heun", 3, "shift:3", None),
+        ("dopri5", None, None, 1e-3),
+        ("dopri5", None, None, 1e-5),
+    ]
+    assert [r["nfe"] for r in rows[:3]] == [5, 5, 5]
+    run = load_run(toy_ckpts["toy"])
+    reference = run.datamodule.reference(120, REFERENCE_SEED)[0]
+    samplers = [
+        *(HeunSampler(3, grid) for grid in (UniformGrid(), EDMGrid(), ShiftGrid())),
+        Dopri5Sampler(1e-3, 1e-5),
+        Dopri5Sampler(1e-5, 1e-5),
+    ]
+    for r, sampler in zip(rows, samplers, strict=True):
+        assert r["sampler"] == repr(sampler)
+        nfe: list[int] = []
+        expected = expected_row(run.model, None, sampler, 120, 50, 0, reference, nfe=nfe)
+        assert r["metrics"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert r["nfe"] == max(nfe)
+    assert rows[4]["nfe"] > rows[3]["nfe"]
+    assert "grid" in stdout and "edm:7" in stdout and "dopri5 (tol 1e-05)" in stdout
+
+
+def test_guidance_interval_sweep(toy_ckpts, run_cli, tmp_path):
+    """One row per interval for each guided scale; w = 1 guides nothing and gets one row."""
+    out = tmp_path / "eval"
+    code, stdout, err = evaluate(
+        run_cli, toy_ckpts["toy_cfg"], out, "--guidance", "1,2.5", "--steps", "4",
+        "--guidance-interval", "0,1", "0.3,0.7", "--nll", "false",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [(r["guidance"], r["guidance_interval"], r["nfe"]) for r in rows] == [
+        (1.0, None, 4),
+        (2.5, [0.0, 1.0], 4),
+        (2.5, [0.3, 0.7], 4),
+    ]
+    run = load_run(toy_ckpts["toy_cfg"])
+    reference, labels = run.datamodule.reference(120, REFERENCE_SEED)
+    plain = expected_row(run.model, 4, "euler", 120, 50, 0, reference, labels, 2.5)
+    limited = expected_row(run.model, 4, "euler", 120, 50, 0, reference, labels, 2.5, (0.3, 0.7))
+    assert rows[1]["metrics"] == pytest.approx(plain, rel=1e-6, abs=1e-9)
+    assert rows[2]["metrics"] == pytest.approx(limited, rel=1e-6, abs=1e-9)
+    assert rows[2]["metrics"] != pytest.approx(rows[1]["metrics"], rel=1e-3)
+    assert "t interval" in stdout and "0.3-0.7" in stdout
+
+
 def test_writes_a_wandb_run_offline(toy_ckpts, run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "eval"
@@ -183,11 +255,13 @@ def test_bad_input_is_one_line_before_any_work(toy_ckpts, run_cli, tmp_path, run
 
 
 def test_two_ranks_give_the_metrics_of_one(toy_ckpts, tmp_path):
-    """Launched on 2 CPU ranks (gloo) by Fabric, each draws its chunks; the same numbers."""
+    """Launched on 2 CPU ranks (gloo) by Fabric, each draws its chunks; the same numbers. With
+    dopri5 the ranks take different numbers of steps (they meet only once a row, at the end),
+    and the NFE reported is the largest of any chunk on any rank."""
     flowdiff = Path(sys.executable).parent / "flowdiff"
     common = [
-        str(flowdiff), "evaluate", "--ckpt", str(toy_ckpts["toy"]), *SMALL,
-        "--sampler", "euler,euler-maruyama", "--steps", "3", "--wandb", "false",
+        str(flowdiff), "evaluate", "--ckpt", str(toy_ckpts["toy"]), *SMALL, "--seed", "5",
+        "--sampler", "euler,euler-maruyama,dopri5", "--steps", "3", "--wandb", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reports = []
@@ -200,5 +274,13 @@ def test_two_ranks_give_the_metrics_of_one(toy_ckpts, tmp_path):
     one, two = reports
     for a, b in zip(one["rows"], two["rows"], strict=True):
         assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-9)
+        assert a["nfe"] == b["nfe"]
+    # Chunks 0 and 2 are rank 0's, chunk 1 rank 1's; with seed 5 chunk 1 takes the most steps.
+    model = load_run(toy_ckpts["toy"]).model
+    nfe = [model.sample(hi - lo, Dopri5Sampler(), generator=chunk_generator(5, c)).nfe
+           for c, (lo, hi) in enumerate([(0, 50), (50, 100), (100, 120)])]  # fmt: skip
+    assert nfe[1] > max(nfe[0], nfe[2]), nfe
+    assert [r["name"] for r in two["rows"]] == ["euler", "euler-maruyama", "dopri5"]
+    assert two["rows"][2]["nfe"] == nfe[1] and two["rows"][2]["steps"] is None
     assert one["likelihood"]["nll"] == pytest.approx(two["likelihood"]["nll"], rel=1e-9)
     assert one["floor"] == two["floor"]

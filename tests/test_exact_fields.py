@@ -142,3 +142,68 @@ def test_networks_treat_samples_independently(make, shape, train):
         a, b = net(x, t, y)[0], net(other, t2, y2)[0]
     assert a.abs().max() > 1e-3  # a network that outputs zeros would pass for nothing
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class CountedNet(ExactNet):
+    """ExactNet that records the batch size of every forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def forward(self, x, t, y=None):
+        self.batches.append(x.shape[0])
+        return super().forward(x, t, y)
+
+
+def test_guidance_interval_guides_inside_and_is_the_conditional_field_outside():
+    """Kynkäänniemi et al. 2024: w applies for a <= t <= b only. Inside, the field is
+    u(x|null) + w (u(x|k) - u(x|null)) from one forward of batch 2B; outside, it is exactly the
+    component's field u(x|k), from one forward of batch B."""
+    path = GaussianConditionalPath("cosine", t_min=0.0, t_max=1.0)
+    exact = GaussianMixtureField(path, WEIGHTS, MEANS, STDS)
+    net = CountedNet(exact, "velocity", num_classes=2)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(8, 2, generator=g, dtype=DTYPE), torch.full((8,), 1)
+    field = ModelField(net, path, "velocity", y, 3.0, 2, guidance_interval=(0.25, 0.75))
+    u_k, u_null = exact.component(1), exact
+    for t in (0.25, 0.4, 0.75):  # the interval is closed
+        net.batches.clear()
+        time = torch.full((8,), t, dtype=DTYPE)
+        guided = u_null.velocity(x, time) + 3.0 * (u_k.velocity(x, time) - u_null.velocity(x, time))
+        torch.testing.assert_close(field.velocity(x, time), guided, rtol=1e-12, atol=1e-12)
+        assert net.batches == [16]
+    for t in (0.0, 0.2, 0.76, 1.0):
+        net.batches.clear()
+        time = torch.full((8,), t, dtype=DTYPE)
+        assert torch.equal(field.velocity(x, time), u_k.velocity(x, time))
+        assert net.batches == [8]
+    # Times that differ within a batch: each row on its own side of the interval.
+    time = torch.tensor([0.1, 0.5] * 4, dtype=DTYPE)
+    inside = ModelField(net, path, "velocity", y, 3.0, 2).velocity(x, time)
+    outside = u_k.velocity(x, time)
+    expected = torch.where((time > 0.3)[:, None], inside, outside)
+    torch.testing.assert_close(field.velocity(x, time), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_interval_costs_no_nfe_and_halves_the_batch_outside():
+    """Euler, 10 steps on [0, 1], interval [0.25, 0.75]: steps at t = 0.3..0.7 are guided (batch
+    2B), the five others conditional (batch B); the NFE is 10 either way. The full interval [0, 1]
+    is plain guidance, and w = 0 outside the interval is still the conditional field."""
+    path = GaussianConditionalPath("linear", t_min=0.0, t_max=1.0)
+    exact = GaussianMixtureField(path, WEIGHTS, MEANS, STDS)
+    net = CountedNet(exact, "velocity", num_classes=2)
+    g = torch.Generator().manual_seed(9)
+    x_0, y = torch.randn(16, 2, generator=g, dtype=DTYPE), torch.full((16,), 0)
+    sampler = EulerSampler(10)
+    limited = sampler.sample(ModelField(net, path, "velocity", y, 2.0, 2, (0.25, 0.75)), x_0)
+    assert limited.nfe == 10 and net.batches == [16] * 3 + [32] * 5 + [16] * 2
+    full = sampler.sample(ModelField(net, path, "velocity", y, 2.0, 2, (0.0, 1.0)), x_0)
+    plain = sampler.sample(ModelField(net, path, "velocity", y, 2.0, 2), x_0)
+    torch.testing.assert_close(full.x, plain.x, rtol=0, atol=0)
+    assert (limited.x - plain.x).abs().max() > 1e-3  # the interval changes the samples
+    net.batches.clear()
+    unguided = ModelField(net, path, "velocity", y, 0.0, 2, (0.5, 1.0))
+    t = torch.full((16,), 0.2, dtype=DTYPE)
+    assert torch.equal(unguided.velocity(x_0, t), exact.component(0).velocity(x_0, t))
+    assert net.batches == [16]

@@ -355,3 +355,25 @@ def test_guidance_without_null_label_raises():
         ModelField(net, path, "velocity", y=y, guidance=2.0)
     # w = 1 needs no null label: it is the conditional model.
     ModelField(net, path, "velocity", y=y, guidance=1.0)
+
+
+@pytest.mark.parametrize(
+    "interval", [(0.8, 0.2), (-0.1, 0.5), (0.5, 1.5), (0.2,), (0.1, 0.2, 0.3), ("a", 1),
+                 (float("nan"), 1.0), 3],
+)  # fmt: skip
+def test_bad_guidance_intervals_raise(interval):
+    net = StubNet()
+    _, _, y = stub_inputs()
+    with pytest.raises(UsageError, match="guidance interval"):
+        ModelField(net, GaussianConditionalPath("linear"), "velocity", y, 2.0, net.null_label,
+                   guidance_interval=interval)  # fmt: skip
+
+
+def test_guidance_interval_end_points_may_meet():
+    net = StubNet()
+    x, _, y = stub_inputs()
+    field = ModelField(net, GaussianConditionalPath("linear"), "velocity", y, 2.0, net.null_label,
+                       guidance_interval=(0.5, 0.5))  # fmt: skip
+    assert field.guidance_interval == (0.5, 0.5)
+    t = torch.full((6,), 0.4, dtype=DTYPE)
+    torch.testing.assert_close(field.output(x, t), direct(net, x, t, y), rtol=0, atol=0)

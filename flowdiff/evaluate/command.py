@@ -1,6 +1,7 @@
 """``flowdiff evaluate``: how good a trained model is, and what quality costs in steps and guidance.
 
-One row per sampler x guidance scale, each with its NFE and wall time, against the fixed protocol
+One row per sampler (x steps x grid, or x tolerances) x guidance scale x guidance interval, each
+with its NFE and wall time, against the fixed protocol
 of the data's evaluator, with the data-against-data floor in the same table. Writes
 ``metrics.json`` and plots of quality against NFE and against guidance, logs them to W&B, and
 splits the sampling across ranks when launched distributed (:mod:`flowdiff.evaluate.sharding`).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from flowdiff.data.evaluators import NLL_SEED, EvalOptions
 from flowdiff.evaluate.plan import Plan, make_plan
@@ -24,7 +25,7 @@ from flowdiff.evaluate.sharding import chunk_generator, make_fabric, map_chunks
 from flowdiff.flags import comma_lists, plain
 from flowdiff.utils import UsageError
 
-LIST_FLAGS = {"--sampler", "--steps", "--guidance"}
+LIST_FLAGS = {"--sampler", "--steps", "--grid", "--atol", "--rtol", "--guidance"}
 PROTOCOL = "flowdiff evaluate v1"
 
 
@@ -47,11 +48,31 @@ def build_parser() -> ArgumentParser:
         "--sampler",
         type=list[str] | None,
         default=None,
-        help="Samplers: euler,heun (aliases, class names or class paths; default: the "
+        help="Samplers: euler,heun,dopri5 (aliases, class names or class paths; default: the "
         "checkpoint's own, with its arguments).",
     )
-    add("--steps", type=list[PositiveInt] | None, default=None, help="Steps: 10,20,50.")
+    add(
+        "--steps",
+        type=list[PositiveInt] | None,
+        default=None,
+        help="Steps of the fixed-grid samplers: 10,20,50 (dopri5 has none: one row each).",
+    )
+    add(
+        "--grid",
+        type=list[str] | None,
+        default=None,
+        help="Time grids of the fixed-grid samplers: uniform,edm,shift:3 (edm:RHO, power:P).",
+    )
+    add("--atol", type=list[PositiveFloat] | None, default=None, help="dopri5: 1e-3,1e-5.")
+    add("--rtol", type=list[PositiveFloat] | None, default=None, help="dopri5: 1e-3,1e-5.")
     add("--guidance", type=list[NonNegativeFloat] | None, default=None, help="CFG scales: 0,1,3.")
+    add(
+        "--guidance-interval",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Guide only for a <= t <= b: 0.2,0.8 (several: 0,1 0.2,0.8; w = 1 rows take none).",
+    )
     add("--seed", type=int, default=0, help="Seed of the sampling noise (data seeds are fixed).")
     add("--out", type=str | None, default=None, help="Output directory (default: <run>/eval/...).")
     add("--overwrite", type=bool, default=False, help="Replace the files of an existing output.")
@@ -108,20 +129,28 @@ def log(fabric, message: str) -> None:
         print(f"flowdiff: {message}", file=sys.stderr, flush=True)
 
 
-def draw(fabric, model, plan: Plan, sampler, guidance, seed: int) -> tuple[torch.Tensor, int]:
-    """``plan.num_samples`` samples split across ranks, and the NFE of one trajectory."""
+def draw(
+    fabric, model, plan: Plan, sampler, guidance, interval, seed: int
+) -> tuple[torch.Tensor, int]:
+    """``plan.num_samples`` samples split across ranks, and the NFE of one trajectory: the largest
+    any chunk used on any rank (an adaptive solver's chunks differ; ranks meet once, at the end)."""
     nfe = []
 
     def work(c, lo, hi):
         y = plan.labels[lo:hi].to(model.device) if guidance is not None else None
         g = chunk_generator(seed, c)
-        result = model.sample(hi - lo, sampler, y=y, guidance=guidance, generator=g)
+        result = model.sample(
+            hi - lo, sampler, y=y, guidance=guidance, generator=g, guidance_interval=interval
+        )
         nfe.append(result.nfe)
         return result.x
 
     desc = sampler.label + (f" w={guidance:g}" if guidance is not None else "")
     samples = map_chunks(fabric, plan.num_samples, plan.batch_size, work, desc)
-    return samples, max(nfe) if nfe else 0
+    most = torch.tensor(max(nfe, default=0), device=fabric.device)
+    if fabric.world_size > 1:
+        most = fabric.all_reduce(most, reduce_op="max")
+    return samples, int(most)
 
 
 def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
@@ -194,17 +223,15 @@ def evaluate_main(argv: list[str]) -> Path | None:
     model.to(fabric.device)
 
     rows = []
-    for i, (sampler, w) in enumerate(plan.rows, 1):
+    for i, (sampler, w, interval) in enumerate(plan.rows, 1):
         start = time.perf_counter()
-        samples, nfe = draw(fabric, model, plan, sampler, w, cfg.seed)
+        samples, nfe = draw(fabric, model, plan, sampler, w, interval, cfg.seed)
         seconds = time.perf_counter() - start
         labels = plan.labels if w is not None else None
         metrics = evaluator.score(samples, labels) if rank0 else {}
-        steps = getattr(sampler, "steps", None)
-        rows.append(
-            Row(repr(sampler), sampler.short_name, steps, w, nfe, round(seconds, 3), metrics)
-        )
+        rows.append(Row.of(sampler, w, interval, nfe, round(seconds, 3), metrics))
         scale = f", w = {w:g}" if w is not None else ""
+        scale += f" for {interval[0]:g} <= t <= {interval[1]:g}" if interval else ""
         log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
             f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None

@@ -14,7 +14,9 @@ from flowdiff.utils import atomic_path
 @dataclass
 class Row:
     """One sampler x guidance configuration and its metrics. ``sampler`` is the sampler's repr
-    (all its arguments), ``name`` its short name, ``steps`` its step count (None: adaptive)."""
+    (all its arguments), ``name`` its short name, ``steps`` its step count and ``grid`` its time
+    grid (``edm:7``; both None: adaptive, whose ``atol``/``rtol`` are set instead), and
+    ``guidance_interval`` the times ``[a, b]`` guidance was limited to."""
 
     sampler: str
     name: str
@@ -23,6 +25,43 @@ class Row:
     nfe: int
     seconds: float
     metrics: dict
+    grid: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    guidance_interval: list[float] | None = None
+
+    @classmethod
+    def of(cls, sampler, guidance, interval, nfe: int, seconds: float, metrics: dict) -> Row:
+        grid = getattr(sampler, "grid", None)
+        return cls(
+            repr(sampler),
+            sampler.short_name,
+            getattr(sampler, "steps", None),
+            guidance,
+            nfe,
+            seconds,
+            metrics,
+            grid.label if grid is not None else None,
+            getattr(sampler, "atol", None),
+            getattr(sampler, "rtol", None),
+            list(interval) if interval is not None else None,
+        )
+
+    @property
+    def setting(self) -> str:
+        """The sampler with its tolerances: ``dopri5 (tol 1e-05)``, ``dopri5 (atol 1e-05, rtol
+        0.001)``, or its short name."""
+        if self.atol is None or self.rtol is None:
+            return self.name
+        if self.atol == self.rtol:
+            return f"{self.name} (tol {self.atol:g})"
+        return f"{self.name} (atol {self.atol:g}, rtol {self.rtol:g})"
+
+    @property
+    def interval(self) -> str:
+        if self.guidance_interval is None:
+            return "-"
+        return "{:g}-{:g}".format(*self.guidance_interval)
 
 
 @dataclass
@@ -40,20 +79,24 @@ class Report:
         return self.columns[0]
 
     def table(self) -> str:
-        head = ["sampler", "steps", "w", "NFE", "time (s)", *(c.header for c in self.columns)]
-        body = [
-            [
-                r.name,
-                "-" if r.steps is None else str(r.steps),
-                "-" if r.guidance is None else f"{r.guidance:g}",
-                str(r.nfe),
-                f"{r.seconds:.1f}",
-                *(c.cell(r.metrics) for c in self.columns),
-            ]
-            for r in self.rows
-        ]
-        body.append([self.protocol.get("floor", "data floor"), "", "", "", ""])
-        body[-1] += [c.cell(self.floor) for c in self.columns]
+        """The rows as text; a ``grid`` column when a grid other than uniform was used, and a
+        ``t interval`` column when guidance was limited to one."""
+        grids = any(r.grid not in (None, "uniform") for r in self.rows)
+        intervals = any(r.guidance_interval is not None for r in self.rows)
+        head = ["sampler", "steps", *(["grid"] if grids else []), "w"]
+        head += [*(["t interval"] if intervals else []), "NFE", "time (s)"]
+        head += [c.header for c in self.columns]
+        body = []
+        for r in self.rows:
+            line = [r.setting, "-" if r.steps is None else str(r.steps)]
+            line += [r.grid or "-"] if grids else []
+            line += ["-" if r.guidance is None else f"{r.guidance:g}"]
+            line += [r.interval] if intervals else []
+            line += [str(r.nfe), f"{r.seconds:.1f}", *(c.cell(r.metrics) for c in self.columns)]
+            body.append(line)
+        floor = [c.cell(self.floor) for c in self.columns]
+        blank = [""] * (len(head) - 1 - len(floor))
+        body.append([self.protocol.get("floor", "data floor"), *blank, *floor])
         widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
 
         def fmt(line):
@@ -92,13 +135,8 @@ class Report:
         panels = [metric] + [c for c in self.columns if c.key == "class_accuracy"]
         figures = {}
         for name, x_of, group_of, x_label in (
-            ("quality_vs_nfe", lambda r: r.nfe, lambda r: (r.name, r.guidance), "NFE"),
-            (
-                "quality_vs_guidance",
-                lambda r: r.guidance,
-                lambda r: (r.name, r.steps),
-                "guidance scale w",
-            ),
+            ("quality_vs_nfe", lambda r: r.nfe, _nfe_group, "NFE"),
+            ("quality_vs_guidance", lambda r: r.guidance, _guidance_group, "guidance scale w"),
         ):
             fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100)
             axes = [axes] if len(panels) == 1 else list(axes)
@@ -111,7 +149,7 @@ class Report:
                     rows = sorted(rows, key=x_of)
                     xs = [x_of(r) for r in rows]
                     ys = [r.metrics[column.key] * column.scale for r in rows]
-                    ax.plot(xs, ys, marker="o", label=_label(key, name))
+                    ax.plot(xs, ys, marker="o", label=_label(key))
                 if self.floor.get(column.key) is not None:
                     floor = self.floor[column.key] * column.scale
                     ax.axhline(floor, ls="--", c="grey", label="data floor")
@@ -145,10 +183,10 @@ class Report:
             config=self.protocol,
             reinit="finish_previous",
         )
-        keys = ["sampler", "name", "steps", "guidance", "nfe", "seconds"]
-        keys += [c.key for c in self.columns]
+        keys = ["sampler", "name", "steps", "grid", "guidance", "guidance_interval", "nfe"]
+        keys += ["seconds", *(c.key for c in self.columns)]
         data = [
-            [r.sampler, r.name, r.steps, r.guidance, r.nfe, r.seconds]
+            [r.sampler, r.name, r.steps, r.grid, r.guidance, r.interval, r.nfe, r.seconds]
             + [r.metrics.get(c.key) for c in self.columns]
             for r in self.rows
         ]
@@ -164,11 +202,26 @@ class Report:
             print(f"flowdiff: W&B run saved offline; upload it with: wandb sync {run_dir}")
 
 
-def _label(key: tuple, figure: str) -> str:
-    sampler, second = key
-    if figure == "quality_vs_nfe":
-        return sampler if second is None else f"{sampler}, w = {second:g}"
-    return f"{sampler}, {second} steps"
+def _nfe_group(r: Row) -> tuple:
+    """A line of quality against NFE: steps (or tolerances) vary along it."""
+    w = None if r.guidance is None else f"w = {r.guidance:g}"
+    interval = None if r.guidance_interval is None else f"t in [{r.interval.replace('-', ', ')}]"
+    return (r.name, _grid(r), w, interval)
+
+
+def _guidance_group(r: Row) -> tuple:
+    """A line of quality against guidance: the scale varies along it."""
+    steps = f"{r.steps} steps" if r.steps is not None else r.setting.partition(" ")[2] or None
+    interval = None if r.guidance_interval is None else f"t in [{r.interval.replace('-', ', ')}]"
+    return (r.name, steps, _grid(r), interval)
+
+
+def _grid(r: Row) -> str | None:
+    return None if r.grid in (None, "uniform") else f"{r.grid} grid"
+
+
+def _label(key: tuple) -> str:
+    return ", ".join(part for part in key if part)
 
 
 def _scalar(value) -> bool:

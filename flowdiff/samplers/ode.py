@@ -1,8 +1,9 @@
 """Fixed-grid ODE solvers for ``dX_t = u_t(X_t) dt``: Euler, Heun, midpoint and classical RK4.
 
-Each integrates any right-hand side ``f(t, y)``, where ``y`` is a tensor or a tuple of tensors
-(:meth:`FixedGridSampler.integrate`): sampling integrates the field's velocity, the likelihood
-integrates the velocity with the divergence beside it (``flowdiff.likelihood``).
+Every ODE solver (these and the adaptive ones of :mod:`.adaptive`) is an :class:`ODEIntegrator`:
+it integrates any right-hand side ``f(t, y)``, where ``y`` is a tensor or a tuple of tensors.
+Sampling integrates the field's velocity, the likelihood integrates the velocity with the
+divergence beside it (``flowdiff.likelihood``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ def combine(y: State, h: Tensor, ks: list[State], weights: list[float]) -> State
     return y + h * sum(w * k for w, k in zip(weights, ks, strict=True))
 
 
+class ODEIntegrator(Sampler):
+    """A deterministic solver of ``dy/dt = f(t, y)``; sampling integrates the field's velocity."""
+
+    def integrate(
+        self, f: RHS, y_0: State, t_0: float, t_1: float, return_trajectory: bool = False
+    ) -> tuple[State, Tensor | None]:
+        """Integrate ``dy/dt = f(t, y)`` from ``t_0`` to ``t_1`` (backward when ``t_1 < t_0``);
+        ``t`` is a 0-dim tensor. Returns ``y(t_1)`` and, if asked, the states along the way."""
+        raise NotImplementedError
+
+    def solve(self, field, x_0, t_0, t_1, return_trajectory, generator):
+        return self.integrate(lambda t, x: field.velocity(x, t), x_0, t_0, t_1, return_trajectory)
+
+
 class FixedGridSampler(Sampler):
     """A solver on a fixed grid of ``steps`` steps (``grid``: uniform by default).
 
@@ -53,8 +68,14 @@ class FixedGridSampler(Sampler):
     def times(self, t_0: float, t_1: float, like: Tensor) -> Tensor:
         return self.grid.times(self.steps, t_0, t_1, like)
 
+    @property
+    def label(self) -> str:
+        """``euler-50steps``, with the grid when it is not uniform: ``heun-20steps-edm7``."""
+        grid = "" if isinstance(self.grid, UniformGrid) else "-" + self.grid.label.replace(":", "")
+        return f"{self.short_name}-{self.steps}steps{grid}"
 
-class ODESampler(FixedGridSampler):
+
+class ODESampler(FixedGridSampler, ODEIntegrator):
     """A one-step method ``y_{i+1} = y_i + step(f, y_i, t_i, t_{i+1})`` on the grid."""
 
     def step(self, f: RHS, y: State, t: Tensor, t_next: Tensor, last: bool) -> State:
@@ -71,9 +92,6 @@ class ODESampler(FixedGridSampler):
             if trajectory is not None:
                 trajectory.append(y)
         return y, torch.stack(trajectory) if trajectory else None
-
-    def solve(self, field, x_0, t_0, t_1, return_trajectory, generator):
-        return self.integrate(lambda t, x: field.velocity(x, t), x_0, t_0, t_1, return_trajectory)
 
 
 class EulerSampler(ODESampler):
