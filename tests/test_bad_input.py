@@ -65,6 +65,9 @@ def _mnist(base: Path) -> str:
 FIT = "fit --config toy.yaml --trainer.default_root_dir {run} --trainer.logger false"
 FIT_W = "fit --config toy.yaml --trainer.default_root_dir {run}"  # the default W&B logger
 SAMPLE = "sample --ckpt {toy} --out {out}"
+IMAGES = ("fit --config images.yaml --trainer.default_root_dir {run} --trainer.logger false "
+          "--data.init_args.cache_dir {tmp}/cache --data.init_args.decode_workers 1")  # fmt: skip
+PAIRS = FIT + " --data.class_path flowdiff.data.pairs.TensorPairsDataModule"
 EVAL = "evaluate --ckpt {toy} --out {out} --wandb false"
 CASES = [
     # configs
@@ -196,7 +199,24 @@ CASES = [
         "evaluate --ckpt {mnist} --out {out} --data-dir {empty} --wandb false",
         ["MNIST"],
     ),
-]
+    # your own data: image folders and tensor files
+    ("images-no-root", IMAGES, ["data.root is required"]),
+    ("images-missing", IMAGES + " --data.init_args.root {tmp}/nowhere", ["no such folder"]),
+    ("images-empty", IMAGES + " --data.init_args.root {empty}", ["holds no images"]),
+    ("images-class-without-images", IMAGES + " --data.init_args.root {images_empty_class}",
+     ["class folder 'b' holds no images"]),
+    ("images-mixed-layout", IMAGES + " --data.init_args.root {images_mixed}", ["holds both"]),
+    ("images-unreadable", IMAGES + " --data.init_args.root {images_broken}",
+     ["cannot read image", "broken.png", "skip_unreadable"]),
+    ("images-channels", IMAGES + " --data.init_args.root {images} --data.init_args.channels 2",
+     ["channels"]),
+    ("pairs-no-x", PAIRS + " --data.init_args.path {pairs_no_x}", ["holds no 'x'"]),
+    ("pairs-float-labels", PAIRS + " --data.init_args.path {pairs_float_y}", ["integers"]),
+    ("pairs-lengths", PAIRS + " --data.init_args.path {pairs_short_y}", ["one label per sample"]),
+    ("pairs-kind", PAIRS + " --data.init_args.path {badyaml}", ["expected a .pt, .npz, .npy"]),
+    ("sample-unknown-class-name", "sample --ckpt {mnist} --out {out} --labels cat --guidance 1",
+     ["'cat' is not a class of this model"]),
+]  # fmt: skip
 
 
 def snapshot(*roots: Path) -> dict[str, bytes | None]:
@@ -229,6 +249,22 @@ def inputs(runs, tmp_path, monkeypatch):
     existing.mkdir()
     (existing / "samples.pt").write_bytes(b"an earlier output")
     (existing / "samples.png").write_bytes(b"an earlier picture")
+    from PIL import Image
+
+    images = {name: tmp_path / name for name in ("images", "images_empty_class", "images_mixed",
+                                                  "images_broken")}  # fmt: skip
+    for root in images.values():
+        (root / "a").mkdir(parents=True)
+        Image.new("RGB", (9, 7), (200, 10, 10)).save(root / "a" / "one.png")
+    (images["images_empty_class"] / "b").mkdir()
+    Image.new("RGB", (9, 7)).save(images["images_mixed"] / "loose.png")
+    (images["images_broken"] / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    pairs = {"pairs_no_x": {"y": torch.zeros(4, dtype=torch.long)},
+             "pairs_float_y": {"x": torch.zeros(4, 2), "y": torch.zeros(4)},
+             "pairs_short_y": {"x": torch.zeros(4, 2),
+                               "y": torch.zeros(3, dtype=torch.long)}}  # fmt: skip
+    for name, content in pairs.items():
+        torch.save(content, files / f"{name}.pt")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -252,6 +288,8 @@ def inputs(runs, tmp_path, monkeypatch):
         "run": str(tmp_path / "run"),
         "out": str(tmp_path / "out"),
         "existing": str(existing),
+        **{name: str(root) for name, root in images.items()},
+        **{name: str(files / f"{name}.pt") for name in pairs},
     }
 
 

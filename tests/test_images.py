@@ -91,21 +91,21 @@ def test_the_cache_is_built_once_reused_and_rebuilt_when_files_change(tmp_path, 
     first = module(root, tmp_path)
     folder = first.cache_folder()
     first.setup()
-    assert "decoding 9 images" in capfd.readouterr().err
+    assert "decoding 9 images" in capfd.readouterr().out
     assert (folder / "images.npy").is_file() and (folder / "meta.json").is_file()
     images = first.tensors()[0].clone()
 
     again = module(root, tmp_path)
     assert again.cache_folder() == folder
     again.setup()
-    assert "decoding" not in capfd.readouterr().err
+    assert "decoding" not in capfd.readouterr().out
     assert torch.equal(again.tensors()[0], images)
 
     Image.new("RGB", (37, 23), (0, 0, 0)).save(root / "red" / "red000.png")  # content changes
     changed = module(root, tmp_path)
     assert changed.cache_folder() != folder
     changed.setup()
-    assert "decoding" in capfd.readouterr().err
+    assert "decoding" in capfd.readouterr().out
     assert module(root, tmp_path, image_size=8).cache_folder() != changed.cache_folder()
 
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -184,6 +185,7 @@ def build_cache(
     from tqdm import tqdm
 
     n = len(files.paths)
+    made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{folder}.tmp-{os.getpid()}")
@@ -199,7 +201,7 @@ def build_cache(
         print(
             f"flowdiff: decoding {n} images of {files.root} at {image_size} px into {folder} "
             f"(once; {workers} processes)",
-            file=sys.stderr,
+            flush=True,
         )
         start, failed = time.perf_counter(), []
         paths = [str(p) for p in files.paths]
@@ -241,7 +243,12 @@ def build_cache(
                 raise
         seconds = time.perf_counter() - start
         note = f"; {len(skipped)} unreadable file(s) left out" if skipped else ""
-        print(f"flowdiff: decoded {n} images in {seconds:.1f} s{note}", file=sys.stderr)
-    finally:
+        print(f"flowdiff: decoded {n} images in {seconds:.1f} s{note}")
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:  # folders made for a cache that failed go too: nothing is left
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(folder)
