@@ -80,7 +80,7 @@ def test_inception_features_come_from_a_torchscript_file_and_the_reference_is_ca
 
 def test_unlabelled_images_without_inception_get_bits_per_dim_alone(tmp_path):
     source = labelled_source(lambda: (shapes(40, 0), shapes(20, 1)), (3, 12, 12), 0)
-    from flowdiff.data.evaluators import NO_FEATURES, ImageEvaluator
+    from flowdiff.data.image_evaluation import NO_FEATURES, ImageEvaluator
 
     evaluator = ImageEvaluator(source, 0, EvalOptions(cache_dir=str(tmp_path)))
     assert evaluator.columns == []

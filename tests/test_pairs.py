@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowdiff.data.evaluators import ImageEvaluator, PointEvaluator
+from flowdiff.data.evaluators import PointEvaluator
+from flowdiff.data.image_evaluation import ImageEvaluator
 from flowdiff.data.pairs import TensorPairsDataModule
 from flowdiff.utils import UsageError
 

@@ -3,16 +3,17 @@
 A datamodule's ``evaluator()`` returns one of these (:mod:`flowdiff.data.base`). ``flowdiff
 evaluate`` runs the protocol (sampling, sharding, the likelihood ODE, the report) and asks the
 evaluator only what depends on the data: which labels to sample, how to score samples, the floor,
-which data the likelihood is measured on, the pictures. Every number is defined here, once, and
-printed with the results (:meth:`Evaluator.protocol`):
+which data the likelihood is measured on, the pictures. The seeds and the base class are defined
+here, once, and every protocol is printed with its results (:meth:`Evaluator.protocol`):
 
 - **points** (:class:`PointEvaluator`): samples against as many fresh data points (seed
   ``REFERENCE_SEED``): exact W2 (POT) and the unbiased MMD^2 with RBF kernels of bandwidths
   ``BANDWIDTHS``; floor: other fresh points (``FLOOR_SEED``); NLL in nats on fresh points
   (``NLL_SEED``), exact divergence.
-- **images** (:class:`ImageEvaluator`): in the features of a network that suits the images (for
-  MNIST flowdiff's own classifier): FID, KID, precision/recall and class accuracy against a seeded
-  subset of training images; floor: test images; bits/dim of dequantised test images, Hutchinson.
+- **images** (:class:`flowdiff.data.image_evaluation.ImageEvaluator`): in the features of a
+  network that suits the images (a classifier flowdiff trains on them; Inception with its
+  weights): FID, KID, precision/recall and class accuracy against a seeded subset of training
+  images; floor: held-out images; bits/dim of dequantised held-out images, Hutchinson.
 """
 
 from __future__ import annotations
@@ -195,163 +196,3 @@ class PointEvaluator(Evaluator):
         if len(panels) == 1 and next(iter(panels.values()))[1] is None:
             return plot_points(first, data, trajectory, title=title)
         return plot_labelled_points(panels, data, title=title)
-
-
-@dataclass
-class ImageSource:
-    """The images an :class:`ImageEvaluator` compares with, as uint8 (N, C, H, W) and labels.
-
-    ``load()`` returns ``(train, test)``: the reference is a seeded subset of ``train``, the floor
-    and the likelihood use ``test``. ``features(train, test, log, options)`` returns the feature
-    network (``features(x)``, and class logits from ``forward``) and a line describing it, or
-    ``(None, why)`` when the data has none (no labels to train a classifier on). ``check()``
-    raises a UsageError when the images cannot be had; ``to_float`` maps uint8 pixels to the
-    model's range.
-    """
-
-    load: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]
-    features: Callable
-    to_float: Callable[[Tensor], Tensor]
-    check: Callable[[], object] = lambda: None
-    reference_size: int = 10_000
-    classifier: bool = True  # whether ``features`` gives a network (labelled data)
-
-
-NO_FEATURES = (
-    "FD, KID, precision/recall and class accuracy need labels (a classifier is trained on them) "
-    "and Inception FID/KID needs --inception-weights: this data has neither, so the table shows "
-    "bits/dim alone"
-)
-
-
-class ImageEvaluator(Evaluator):
-    """Images in the features of a network that suits them (see :class:`ImageSource`), and of
-    Inception-v3 when the user has its weights (:mod:`flowdiff.metrics.inception`)."""
-
-    num_samples = 1000
-    chunk_size = 128
-    nll_samples = 256
-    per_class = 8
-    validation_size = 32
-
-    def __init__(
-        self,
-        source: ImageSource,
-        num_classes: int,
-        options: EvalOptions | None = None,
-        class_names: list[str] | None = None,
-    ):
-        super().__init__(num_classes)
-        self.source, self.options = source, options or EvalOptions()
-        self.class_names = class_names
-        self.columns = []
-        if source.classifier:
-            self.columns += [
-                Column("fid", "FID", "{:.3f}"),
-                Column("kid_mean", "KID", "{:.3f}"),  # in these features: not ~1e-3
-                Column("precision", "precision", "{:.3f}"),
-                Column("recall", "recall", "{:.3f}"),
-            ]
-            if num_classes:
-                self.columns.append(Column("class_accuracy", "accuracy", "{:.3f}"))
-        if self.options.inception_weights:
-            self.columns += [
-                Column("inception_fid", "Inception FID", "{:.2f}"),
-                Column("inception_kid", "Inception KID x 1e3", "{:.2f}", 1e3),
-            ]
-        self._data = None
-        self.metrics = self.inception = None
-        self.feature_info = None
-
-    def check(self) -> None:
-        self.source.check()
-        if self.options.inception_weights is not None:
-            from flowdiff.metrics.inception import check_inception
-
-            check_inception(self.options.inception_weights)
-
-    def data(self):
-        if self._data is None:
-            self._data = self.source.load()
-        return self._data
-
-    def prepare(self, num_samples: int, log) -> None:
-        from flowdiff.metrics.images import ImageMetrics
-
-        train, test = self.data()
-        g = torch.Generator().manual_seed(REFERENCE_SEED)
-        size = min(self.source.reference_size, len(train[1]))
-        self.reference = self.source.to_float(
-            train[0][torch.randperm(len(train[1]), generator=g)[:size]]
-        )
-        classifier, self.feature_info = self.source.features(train, test, log, self.options)
-        if classifier is not None:
-            self.metrics = ImageMetrics(classifier, self.reference, self.num_classes)
-        if self.options.inception_weights:
-            from flowdiff.metrics.inception import load_inception, reference_features
-            from flowdiff.utils import default_cache
-
-            weights = self.options.inception_weights
-            extract = load_inception(weights)
-            cache = self.options.cache_dir or default_cache()
-            self.inception = (
-                extract,
-                reference_features(extract, self.reference, weights, cache, log),
-            )
-        if self.metrics is None and self.inception is None:
-            log(NO_FEATURES)
-        g = torch.Generator().manual_seed(FLOOR_SEED)
-        pick = torch.randperm(len(test[1]), generator=g)[: min(num_samples, len(test[1]))]
-        self.floor_size = len(pick)
-        self.floor = self.score(self.source.to_float(test[0][pick]), test[1][pick])
-
-    def score(self, samples: Tensor, labels: Tensor | None = None) -> dict:
-        metrics = self.metrics.compare(samples, labels) if self.metrics is not None else {}
-        if self.inception is not None:
-            from flowdiff.metrics.images import frechet_distance, kernel_distance
-            from flowdiff.metrics.inception import inception_features
-
-            extract, real = self.inception
-            fake = inception_features(extract, samples)
-            metrics["inception_fid"] = frechet_distance(real, fake)
-            metrics["inception_kid"] = kernel_distance(real, fake)[0]
-        return metrics
-
-    def likelihood_data(self, n: int) -> LikelihoodData:
-        from flowdiff.metrics.pixels import bits_per_dim, dequantize
-
-        images, labels = self.data()[1]
-        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(NLL_SEED))[:n]
-        pixels = images[pick]
-        x = dequantize(pixels, torch.Generator().manual_seed(NLL_SEED + 1))
-        dims = pixels[0].numel()
-        return LikelihoodData(
-            x.contiguous(memory_format=torch.channels_last), labels[pick], "hutchinson", 2.0,
-            lambda log_p: bits_per_dim(log_p, dims), "bits/dim", "bits_per_dim",
-            f"{len(pick)} test images, seed {NLL_SEED}; uniform dequantisation",
-        )  # fmt: skip
-
-    def protocol(self, num_samples: int) -> dict:
-        metrics = []
-        if self.metrics is not None:
-            metrics.append("FID and KID (torchmetrics), precision/recall (k-NN, k=3), accuracy")
-        if self.inception is not None:
-            metrics.append(f"Inception FID/KID ({self.options.inception_weights})")
-        out = {
-            "feature network": self.feature_info,
-            "reference": f"{len(self.reference)} training images (seed {REFERENCE_SEED})",
-            "floor": f"data ({self.floor_size} held-out images)",
-            "metrics": "; ".join(metrics) or NO_FEATURES,
-        }
-        if self.num_classes:
-            out["labels"] = f"sample i asks for class i mod {self.num_classes}"
-        return out
-
-    def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
-        from flowdiff.plots import labelled_grid, plot_image_grids
-
-        grids = {
-            name: labelled_grid(images, labels, self.class_names)
-            for name, (images, labels) in panels.items()
-        }
-        return plot_image_grids(grids, title=title)

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from flowdiff.data.base import FlowDataModule
 from flowdiff.data.batches import Batches
-from flowdiff.data.evaluators import EvalOptions, ImageEvaluator
+from flowdiff.data.evaluators import EvalOptions
+from flowdiff.data.image_evaluation import ImageEvaluator
 from flowdiff.data.image_files import ImageCache, ImageList, build_cache, scan
 from flowdiff.utils import UsageError, default_cache
 

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from flowdiff.data.base import FlowDataModule
 from flowdiff.data.batches import Batches
-from flowdiff.data.evaluators import EvalOptions, ImageEvaluator, ImageSource
+from flowdiff.data.evaluators import EvalOptions
+from flowdiff.data.image_evaluation import ImageEvaluator, ImageSource
 from flowdiff.data.mnist_files import find_or_prepare_mnist, load_split
 from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError

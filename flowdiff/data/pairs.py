@@ -156,8 +156,7 @@ class TensorPairsDataModule(FlowDataModule):
 
     def evaluator(self, options: EvalOptions | None = None) -> Evaluator:
         if self.images:
-            from flowdiff.data.evaluators import ImageEvaluator
-            from flowdiff.data.image_evaluation import labelled_source
+            from flowdiff.data.image_evaluation import ImageEvaluator, labelled_source
 
             def load():
                 train, val = self.train_rows, self.val_rows
