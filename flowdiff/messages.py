@@ -9,13 +9,19 @@ import warnings
 
 
 def innermost_reason(err: BaseException) -> str:
-    """The reason jsonargparse nests under "Errors:" (one line per union member), else the text."""
+    """The reason jsonargparse nests under "Errors:" (one line per union member), else the text.
+
+    A member that merely does not match (None, or an alias ``Literal`` when a class was given)
+    gives way to one whose constructor said what is wrong.
+    """
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reasons = [
         line[2:]
         for line in lines
         if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line
     ]
+    specific = [r for r in reasons if not r.startswith("Expected a typing.Literal")]
+    reasons = specific or reasons
     return reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
 
 

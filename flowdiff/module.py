@@ -16,6 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from flowdiff.config import build, describe
+from flowdiff.couplings import Coupling, get_coupling
 from flowdiff.fields import ModelField
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
@@ -39,6 +40,10 @@ class FlowModule(L.LightningModule):
         optimizer: optimizer factory (a class path in YAML); Adam by default.
         lr_schedule: ``constant``, or ``cosine``: decay the learning rate to 0 over the run's
             optimizer steps (``trainer.max_steps``, or the epochs' batches).
+        coupling: how training pairs noise with data (:mod:`flowdiff.couplings`):
+            ``independent`` (the default), ``ot`` (exact minibatch optimal transport) or
+            ``ot-sinkhorn`` (entropic), within each label for a conditional network; per batch,
+            so per rank under DDP.
         data_shape: shape of one sample, e.g. ``[2]``; from the datamodule when not given.
         num_classes: number of labels in the data (0: unlabelled); from the datamodule too.
 
@@ -54,6 +59,7 @@ class FlowModule(L.LightningModule):
         sampler: Sampler | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_schedule: Literal["constant", "cosine"] = "constant",
+        coupling: Literal["independent", "ot", "ot-sinkhorn"] | Coupling = "independent",
         data_shape: list[int] | None = None,
         num_classes: int = 0,
     ):
@@ -91,6 +97,7 @@ class FlowModule(L.LightningModule):
         self.net, self.path, self.objective = net, path, objective
         self.sampler = sampler if sampler is not None else EulerSampler(100)
         self.lr_schedule = lr_schedule
+        self.coupling = get_coupling(coupling)
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes
         self.data_info: dict = {}  # the datamodule's description, kept in the checkpoint
@@ -147,6 +154,7 @@ class FlowModule(L.LightningModule):
             z = z.contiguous(memory_format=torch.channels_last)
         t = self.path.sample_time(z.shape[0], z.device, z.dtype, generator)
         eps = torch.empty_like(z).normal_(generator=generator)  # keeps z's memory format
+        eps = self.coupling(eps, z, y if self.conditional else None, generator)  # x_0 for z
         sample = self.path.sample(z, t, eps)
         output = self.net(sample.x_t, t, y if self.conditional else None)
         return self.objective(output, sample, self.path).mean()

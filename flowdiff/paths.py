@@ -15,9 +15,11 @@ from torch import Tensor
 
 from flowdiff.config import Recorded
 from flowdiff.schedules import Schedule, ScheduleOutput, get_schedule
+from flowdiff.times import TimeDistribution, get_time_distribution
 from flowdiff.utils import UsageError, expand_like
 
 ScheduleName = Literal["linear", "sqrt", "cosine"]  # the aliases of flowdiff.schedules.SCHEDULES
+TimeName = Literal["uniform", "logit-normal"]  # the aliases of flowdiff.times.TIME_DISTRIBUTIONS
 Prediction = Literal["velocity", "score", "noise"]
 
 
@@ -42,6 +44,10 @@ class GaussianConditionalPath(Recorded):
             prediction into a velocity divides by ``alpha_t``, which vanishes at t = 0.
         t_max: largest time used for training and for conversions. The conditional score
             ``-eps / beta_t`` (and ``d_beta_t`` of the ``sqrt`` schedule) is infinite at t = 1.
+        time_sampling: the distribution of the training times on [0, 1], mapped onto
+            ``[t_min, t_max]``: an object (``class_path`` in YAML) or the alias of one:
+            ``uniform`` (the default) or ``logit-normal`` (mean 0, std 1; other values through
+            ``class_path: flowdiff.times.LogitNormalTime`` and its ``init_args``).
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class GaussianConditionalPath(Recorded):
         schedule: ScheduleName | Schedule = "linear",
         t_min: float = 1e-3,
         t_max: float = 0.999,
+        time_sampling: TimeName | TimeDistribution = "uniform",
     ):
         if not 0.0 <= t_min < t_max <= 1.0:
             raise UsageError(
@@ -57,11 +64,12 @@ class GaussianConditionalPath(Recorded):
         self.schedule = get_schedule(schedule)
         self.t_min = t_min
         self.t_max = t_max
+        self.time_sampling = get_time_distribution(time_sampling)
 
     def __repr__(self) -> str:
         return (
             f"GaussianConditionalPath(schedule={self.schedule!r}, "
-            f"t_min={self.t_min}, t_max={self.t_max})"
+            f"t_min={self.t_min}, t_max={self.t_max}, time_sampling={self.time_sampling!r})"
         )
 
     # -- the path itself ------------------------------------------------------------------------
@@ -71,8 +79,11 @@ class GaussianConditionalPath(Recorded):
         return self.schedule(expand_like(t, x))
 
     def sample_time(self, batch_size: int, device=None, dtype=None, generator=None) -> Tensor:
-        """``t ~ U[t_min, t_max]``, shape (B,)."""
-        u = torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+        """Training times ``t = t_min + (t_max - t_min) u``, ``u ~ time_sampling`` on [0, 1]; (B,).
+
+        The default ``u ~ U[0, 1]`` makes ``t ~ U[t_min, t_max]``.
+        """
+        u = self.time_sampling(batch_size, device, dtype, generator)
         return self.t_min + (self.t_max - self.t_min) * u
 
     def sample(self, z: Tensor, t: Tensor, eps: Tensor | None = None) -> PathSample:

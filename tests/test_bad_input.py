@@ -99,6 +99,21 @@ CASES = [
         ["t_min"],
     ),
     ("fit-zero-log-every", FIT + " --trainer.log_every_n_steps 0", ["log_every_n_steps"]),
+    # training time distribution and coupling
+    ("fit-unknown-coupling", FIT + " --model.coupling sinkhorn", ["coupling", "sinkhorn"]),
+    (
+        "fit-sinkhorn-reg-zero",
+        FIT + " --model.coupling.class_path flowdiff.couplings.SinkhornCoupling "
+        "--model.coupling.init_args.reg 0",
+        ["sinkhorn", "reg > 0"],
+    ),
+    ("fit-unknown-time-sampling", FIT + " --model.path.init_args.time_sampling beta", ["beta"]),
+    (
+        "fit-logit-normal-std-zero",
+        FIT + " --model.path.init_args.time_sampling.class_path flowdiff.times.LogitNormalTime "
+        "--model.path.init_args.time_sampling.init_args.std 0",
+        ["logit-normal", "std > 0"],
+    ),
     ("fit-negative-max-steps", FIT_W + " --trainer.max_steps -5", ["max_steps", "-5"]),
     ("sample-zero-samples", SAMPLE + " --num-samples 0", ["num_samples", "positive"]),
     ("sample-negative-samples", SAMPLE + " --num-samples -3", ["num_samples", "positive"]),

@@ -139,3 +139,21 @@ def test_time_checkpoints_give_way_to_a_step_interval(tmp_path, run_cli):
     root = tmp_path / "run"
     fit(run_cli, root, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2")
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_coupling_and_time_sampling_train_and_are_recorded(tmp_path, run_cli):
+    """A conditional run with label dropout, OT coupling and logit-normal times trains, and its
+    checkpoint rebuilds both."""
+    from flowdiff.checkpoint import load_run
+
+    root = tmp_path / "ot"
+    fit(run_cli, root, "--trainer.max_steps", "5", "--model.coupling", "ot",
+        "--model.path.init_args.time_sampling", "logit-normal",
+        "--model.net.init_args.num_classes", "2", "--data.init_args.p_uncond", "0.2")  # fmt: skip
+    ckpt = root / "checkpoints" / "last.ckpt"
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["coupling"] == "ot"
+    assert hparams["path"]["init_args"]["time_sampling"] == "logit-normal"
+    model = load_run(ckpt).model
+    assert repr(model.coupling) == "ExactOTCoupling()"
+    assert repr(model.path.time_sampling) == "LogitNormalTime(mean=0.0, std=1.0)"
