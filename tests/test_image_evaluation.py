@@ -110,3 +110,18 @@ def test_evaluate_on_an_image_folder(tmp_path, run_cli, quick, monkeypatch):
     code, _, err = run_cli(*args[:-4], "--out", tmp_path / "again", *args[-4:])
     assert code == 0 and "Inception reference features loaded" in err
     assert "classifier loaded" in err
+
+
+def test_evaluate_on_a_flat_folder_reports_bits_per_dim_alone(tmp_path, run_cli, monkeypatch):
+    root = write_folder(tmp_path / "flat", per_class=8, size=(14, 14), flat=True)
+    run = fit_tiny(root, tmp_path, run_cli)
+    monkeypatch.setenv("FLOWDIFF_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(
+        "evaluate", "--ckpt", run / "checkpoints" / "last.ckpt", "--steps", "2",
+        "--num-samples", "8", "--nll-samples", "4", "--nll-steps", "2", "--wandb", "false",
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((run / "eval" / "seed0" / "metrics.json").read_text())
+    assert metrics["rows"][0]["metrics"] == {} and metrics["floor"] == {}
+    assert metrics["likelihood"]["unit"] == "bits/dim"
+    assert "need labels" in out and not (run / "eval" / "seed0" / "quality_vs_nfe.png").exists()

@@ -46,7 +46,7 @@ class ImageSource:
 
 
 NO_FEATURES = (
-    "FD, KID, precision/recall and class accuracy need labels (a classifier is trained on them) "
+    "FID, KID, precision/recall and class accuracy need labels (a classifier is trained on them) "
     "and Inception FID/KID needs --inception-weights: this data has neither, so the table shows "
     "bits/dim alone"
 )

@@ -128,9 +128,12 @@ class Report:
 
     def figures(self) -> dict:
         """Quality against NFE (a line per sampler and scale) and against guidance (a line per
-        sampler and step count), with the data floor dashed."""
+        sampler and step count), with the data floor dashed; none when the data has no sample
+        metric (unlabelled images without Inception weights: bits/dim alone)."""
         import matplotlib.pyplot as plt
 
+        if not self.columns:
+            return {}
         metric = self.primary
         panels = [metric] + [c for c in self.columns if c.key == "class_accuracy"]
         figures = {}
@@ -191,7 +194,7 @@ class Report:
             for r in self.rows
         ]
         logged = {"evaluate/table": wandb.Table(columns=keys, data=data)}
-        for name in ("quality_vs_nfe", "quality_vs_guidance"):
+        for name in ("quality_vs_nfe", "quality_vs_guidance") if self.columns else ():
             logged[f"evaluate/{name}"] = wandb.Image(str(out / f"{name}.png"))
         run.log(logged)
         for prefix, values in (("floor", self.floor), ("likelihood", self.likelihood or {})):
