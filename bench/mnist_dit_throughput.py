@@ -4,11 +4,11 @@ other sizes), with each network's FLOP per image and parameters. Run by hand:
     python bench/mnist_dit_throughput.py [--steps 30] [--repeats 2] [--dit 4,192,6,4 ...]
     python bench/mnist_dit_throughput.py --fit [--steps 30] [--repeats 2]
 
-By default, one process times training steps (FlowModule.loss, backward, the config's fused Adam;
-batch 250) of every network in turns, ``--steps`` steps each a round: a change in the machine's
-load falls on all of them alike. ``--threads 1`` keeps a shared machine's other work from
-stalling the intra-op threads. With ``--fit``, each run is a fresh `flowdiff fit` process timed
-from step 5 to the last (needs MNIST in ./data, `make data`).
+By default, one process times training steps (FlowModule.loss, backward, fused Adam; batch 250
+of random images) of every network in turns, ``--steps`` steps each a round: a change in the
+machine's load falls on all of them alike. ``--threads 1`` keeps a shared machine's other work
+from stalling the intra-op threads. With ``--fit``, each run is a fresh `flowdiff fit` process
+(its own threads) timed from step 5 to the last (needs MNIST in ./data, `make data`).
 """
 
 from __future__ import annotations
@@ -81,6 +81,15 @@ def step_rate(net: torch.nn.Module, steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - start)
 
 
+def fit_rate(fit_args: list[str], steps: int, tmp: str) -> float:
+    """Training images/s of a fresh `flowdiff fit` process, from step WARMUP to the last."""
+    root = Path(tmp) / f"run-{time.time_ns()}"
+    args = [*fit_args, "--trainer.max_steps", str(steps), "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
+    timing = timed_fit(args, tmp, WARMUP)
+    return timing["steps"] * BATCH / timing["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -91,27 +100,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from flowdiff.utils import keep_freed_memory
+
+    keep_freed_memory()  # as `flowdiff` does
     runs = variants(args.dit)
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    if not args.fit:
-        from flowdiff.utils import keep_freed_memory
-
-        keep_freed_memory()  # as `flowdiff` does
-        for _ in range(args.repeats):
-            for name, (_, net) in runs.items():
-                rates[name].append(step_rate(net, args.steps))
-                print(f"{name}: {rates[name][-1]:.1f} images/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats if args.fit else 0):
-            for name, (fit_args, _) in runs.items():
-                root = Path(tmp) / f"run-{time.time_ns()}"
-                timing = timed_fit(
-                    [*fit_args, "--trainer.max_steps", str(args.steps), "--trainer.logger",
-                     "false", "--trainer.default_root_dir", str(root)],
-                    tmp,
-                    WARMUP,
-                )  # fmt: skip
-                rates[name].append(timing["steps"] * BATCH / timing["seconds"])
+        for _ in range(args.repeats):
+            for name, (fit_args, net) in runs.items():
+                rates[name].append(fit_rate(fit_args, args.steps, tmp) if args.fit
+                                   else step_rate(net, args.steps))  # fmt: skip
                 print(f"{name}: {rates[name][-1]:.1f} images/s", flush=True)
     how = f"`flowdiff fit`, steps {WARMUP}..{args.steps}" if args.fit else f"{args.steps} steps"
     threads = torch.get_num_threads()

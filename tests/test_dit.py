@@ -205,10 +205,19 @@ def test_bad_config_raises(kwargs, message):
         small(**kwargs)
 
 
-def test_wrong_image_shape_says_what_to_set():
+@pytest.mark.parametrize(
+    ("channels", "size", "fix"),
+    [
+        (3, (28, 28), "in_channels 3"),
+        (1, (32, 32), r"image_size \[32, 32\]"),
+        (3, (28, 32), r"in_channels 3 and image_size \[28, 32\]"),
+    ],
+)
+def test_wrong_image_shape_says_what_to_set(channels, size, fix):
     net = small()
-    with pytest.raises(UsageError, match=r"built for images of shape \[1, 28, 28\] but got"):
-        net(*inputs(2, 3, (28, 28)))
+    with pytest.raises(UsageError, match=rf"built for images of shape \[1, 28, 28\] but got .*; "
+                       rf"set model.net.init_args {fix}$"):  # fmt: skip
+        net(*inputs(2, channels, size))
 
 
 TINY_DIT = [

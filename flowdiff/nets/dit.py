@@ -122,7 +122,7 @@ class DiT(Recorded, nn.Module):
         in_channels: int = 1,
         image_size: int | list[int] = 28,
         patch_size: int = 4,
-        hidden: int = 256,
+        hidden: int = 192,
         depth: int = 6,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
@@ -171,12 +171,14 @@ class DiT(Recorded, nn.Module):
 
         Returns (B, C, H, W).
         """
-        expected = (self.in_channels, *self.image_size)
-        if tuple(x.shape[1:]) != expected:
+        expected = [self.in_channels, *self.image_size]
+        if list(x.shape[1:]) != expected:
+            channels, *size = x.shape[1:]
+            fix = [f"in_channels {channels}"] if channels != self.in_channels else []
+            fix += [f"image_size {size}"] if size != self.image_size else []
             raise UsageError(
-                f"the DiT was built for images of shape {list(expected)} but got "
-                f"{list(x.shape[1:])}; set model.net.init_args.in_channels and image_size to the "
-                f"data's shape"
+                f"the DiT was built for images of shape {expected} but got {list(x.shape[1:])}; "
+                f"set model.net.init_args {' and '.join(fix)}"
             )
         c = self.time_embed(t)
         if self.label_embed is not None:
