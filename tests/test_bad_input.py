@@ -225,6 +225,10 @@ CASES = [
      ["cannot read image", "broken.png", "skip_unreadable"]),
     ("images-channels", IMAGES + " --data.init_args.root {images} --data.init_args.channels 2",
      ["channels"]),
+    ("images-size-the-net-cannot-take",
+     "fit --config mnist_dit.yaml --trainer.default_root_dir {run} --data.init_args.data_dir "
+     "{empty} --data.init_args.download false --model.net.init_args.patch_size 3",
+     ["image size 28 is not a multiple of patch_size 3"]),
     ("pairs-no-x", PAIRS + " --data.init_args.path {pairs_no_x}", ["holds no 'x'"]),
     ("pairs-float-labels", PAIRS + " --data.init_args.path {pairs_float_y}", ["integers"]),
     ("pairs-lengths", PAIRS + " --data.init_args.path {pairs_short_y}", ["one label per sample"]),
