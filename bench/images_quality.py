@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--png-dir", default="data/mnist_png")
     parser.add_argument("--out", default="runs/bench-images-quality")
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--sample-steps", type=int, default=50, help="Euler steps of sampling")
     options = parser.parse_args()
     out = Path(options.out)
     folder = ["--config", "images.yaml", "--data.init_args.root", options.png_dir,
@@ -47,6 +48,7 @@ def main() -> None:
             "images.yaml (PNG folder)": folder}  # fmt: skip
     from flowdiff.checkpoint import load_run
     from flowdiff.data.mnist import MNISTDataModule
+    from flowdiff.samplers import EulerSampler
 
     evaluator = MNISTDataModule("data", download=False).evaluator()
     evaluator.prepare(options.num_samples, lambda m: print(m, file=sys.stderr))
@@ -55,9 +57,10 @@ def main() -> None:
     for i, (name, args) in enumerate(runs.items()):
         ckpt, seconds = train(f"run{i}", args, out, options.steps)
         model = load_run(ckpt).model
+        sampler = EulerSampler(options.sample_steps)
         for w in (1.0, 3.0):
             x = model.sample(
-                options.num_samples, y=labels, guidance=w,
+                options.num_samples, sampler, y=labels, guidance=w,
                 generator=torch.Generator().manual_seed(0), batch_size=128,
             ).x  # fmt: skip
             metrics = evaluator.score(x, labels)
