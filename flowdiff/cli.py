@@ -212,8 +212,8 @@ class FlowdiffCLI(LightningCLI):
 def size_network(config) -> None:
     """Give the network the sizes the data fixes (channels, image size, dimension, classes) before
     anything is built, so that no config writes the same number twice
-    (:func:`flowdiff.nets.base.size_from_data`). The datamodule is built here to ask it; its
-    constructor is cheap (it reads file lists and headers, not the data)."""
+    (:func:`flowdiff.nets.base.size_from_data`). The datamodule is built here to ask it, and
+    again by Lightning; its constructor is cheap (it lists or memory-maps files, never decodes)."""
     from flowdiff.config import build
     from flowdiff.nets.base import size_from_data
 

@@ -47,6 +47,12 @@ class Recorded:
         return dict(getattr(self, "_init_args", {}))
 
 
+def call_repr(obj: Recorded) -> str:
+    """``Name(arg=value, ...)`` from a Recorded object's arguments: a ``__repr__`` to assign."""
+    args = ", ".join(f"{k}={v!r}" for k, v in obj.init_args.items())
+    return f"{type(obj).__name__}({args})"
+
+
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

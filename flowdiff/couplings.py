@@ -26,7 +26,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from flowdiff.config import Recorded, resolve
+from flowdiff.config import Recorded, call_repr, resolve
 from flowdiff.utils import UsageError
 
 
@@ -71,9 +71,7 @@ class Coupling(Recorded):
         """``index`` (B,) on x_1's device: ``x_0[index[j]]`` pairs with ``x_1[j]``."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items())
-        return f"{type(self).__name__}({args})"
+    __repr__ = call_repr
 
 
 class IndependentCoupling(Coupling):

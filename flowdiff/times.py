@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowdiff.config import Recorded, resolve
+from flowdiff.config import Recorded, call_repr, resolve
 from flowdiff.utils import UsageError
 
 
@@ -29,9 +29,7 @@ class TimeDistribution(Recorded):
     ) -> Tensor:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items())
-        return f"{type(self).__name__}({args})"
+    __repr__ = call_repr
 
 
 class UniformTime(TimeDistribution):

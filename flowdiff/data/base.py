@@ -11,10 +11,12 @@ import functools
 from typing import TYPE_CHECKING
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from flowdiff.config import class_path
 from flowdiff.data.labels import LabelDropout
+from flowdiff.utils import UsageError
 
 if TYPE_CHECKING:
     from flowdiff.data.evaluators import EvalOptions, Evaluator
@@ -62,6 +64,14 @@ class FlowDataModule(L.LightningDataModule):
             return {"in_channels": channels, "image_size": size}
         return {}
 
+    def epoch_order(self) -> tuple[torch.Generator, tuple[int, int]]:
+        """The training order of this epoch: a generator seeded by ``hparams.seed`` and the epoch
+        (a fresh permutation every epoch, the same on every rank), and the ``(rank, world_size)``
+        share each rank takes of it (:class:`flowdiff.data.batches.Batches`)."""
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return torch.Generator().manual_seed(self.hparams.seed + 7919 * epoch), shard
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training and self.p_uncond > 0:
             x, y = batch
@@ -83,3 +93,28 @@ class FlowDataModule(L.LightningDataModule):
             "class_names": list(self.class_names) if self.class_names else None,
             "p_uncond": float(self.p_uncond),
         }
+
+
+def check_arguments(
+    positive: dict | None = None,
+    seed: int = 0,
+    p_uncond: float = 0.0,
+    fraction: dict | None = None,
+) -> None:
+    """Raise a UsageError naming the first bad datamodule argument: ``positive`` integers,
+    ``seed`` (an integer >= 0), ``p_uncond`` (in [0, 1]), ``fraction``s (in (0, 1)); the dicts map
+    an argument's name to its value."""
+    for name, value in (positive or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"data.{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"data.seed must be an integer >= 0, got {seed!r}")
+    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)):
+        raise UsageError(f"data.p_uncond must be a number in [0, 1], got {p_uncond!r}")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise UsageError(f"data.p_uncond must be in [0, 1], got {p_uncond}")
+    for name, value in (fraction or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"data.{name} must be a number in (0, 1), got {value!r}")
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"data.{name} must be in (0, 1), got {value}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from flowdiff.data.base import FlowDataModule
+from flowdiff.data.base import FlowDataModule, check_arguments
 from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions
 from flowdiff.data.image_evaluation import ImageEvaluator
@@ -74,9 +74,7 @@ class CIFAR10DataModule(FlowDataModule):
         download: bool = True,
     ):
         super().__init__()
-        from flowdiff.data.images import _check_arguments
-
-        _check_arguments(32, 3, p_uncond, batch_size, 0.5, seed)
+        check_arguments({"batch_size": batch_size, "val_size": val_size}, seed, p_uncond)
         self.save_hyperparameters()
         self.p_uncond, self.num_classes, self.data_shape = float(p_uncond), 10, (3, 32, 32)
         self.class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
@@ -112,10 +110,7 @@ class CIFAR10DataModule(FlowDataModule):
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer else 0
-        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        g = torch.Generator().manual_seed(self.hparams.seed + 7919 * epoch)
-        return self._loader("train", g, shard, self.hparams.random_flip)
+        return self._loader("train", *self.epoch_order(), self.hparams.random_flip)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

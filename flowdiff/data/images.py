@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from flowdiff.data.base import FlowDataModule
+from flowdiff.data.base import FlowDataModule, check_arguments
 from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions
 from flowdiff.data.image_evaluation import ImageEvaluator
@@ -63,7 +63,10 @@ class ImageFolderDataModule(FlowDataModule):
             raise UsageError(
                 "data.root is required: the folder of your images (--data.init_args.root PATH)"
             )
-        _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed)
+        check_arguments({"image_size": image_size, "batch_size": batch_size}, seed, p_uncond,
+                        {"val_fraction": val_fraction})  # fmt: skip
+        if channels not in (1, 3) or isinstance(channels, bool):
+            raise UsageError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
         self.save_hyperparameters()
         self.data_shape = (channels, image_size, image_size)
         self._cache: ImageCache | None = None
@@ -135,10 +138,7 @@ class ImageFolderDataModule(FlowDataModule):
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer else 0
-        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        g = torch.Generator().manual_seed(self.hparams.seed + 7919 * epoch)
-        return self._loader(self.split()[0], g, shard, self.hparams.random_flip)
+        return self._loader(self.split()[0], *self.epoch_order(), self.hparams.random_flip)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.split()[1])
@@ -159,22 +159,3 @@ class ImageFolderDataModule(FlowDataModule):
         from flowdiff.data.image_evaluation import folder_source
 
         return ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
-
-
-def _check_arguments(image_size, channels, p_uncond, batch_size, val_fraction, seed) -> None:
-    """Raise UsageError naming the first bad argument of ImageFolderDataModule."""
-    for name, value in (("image_size", image_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"data.{name} must be a positive integer, got {value!r}")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise UsageError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"data.seed must be an integer >= 0, got {seed!r}")
-    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)):
-        raise UsageError(f"data.p_uncond must be a number in [0, 1], got {p_uncond!r}")
-    if not 0.0 <= p_uncond <= 1.0:
-        raise UsageError(f"data.p_uncond must be in [0, 1], got {p_uncond}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-        raise UsageError(f"data.val_fraction must be a number in (0, 1), got {val_fraction!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from flowdiff.data.base import FlowDataModule
+from flowdiff.data.base import FlowDataModule, check_arguments
 from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions
 from flowdiff.data.image_evaluation import ImageEvaluator, ImageSource
@@ -102,11 +102,9 @@ class MNISTDataModule(FlowDataModule):
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer else 0
         # Under DDP each rank trains on its own share of the epoch (validation and test stay whole
         # on every rank).
-        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return self._loader("train", _seeded(self.hparams.seed + 7919 * epoch), shard)
+        return self._loader("train", *self.epoch_order())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -161,15 +159,7 @@ def _check_arguments(data_dir: str, batch_size: int, val_size: int, p_uncond: fl
     """Raise UsageError naming the first bad argument of MNISTDataModule."""
     if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
         raise UsageError(f"data.data_dir must be a non-empty path, got {data_dir!r}")
-    for name, value in (("batch_size", batch_size), ("val_size", val_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"data.{name} must be a positive integer, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"data.seed must be an integer >= 0, got {seed!r}")
-    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)):
-        raise UsageError(f"data.p_uncond must be a number in [0, 1], got {p_uncond!r}")
-    if not 0.0 <= p_uncond <= 1.0:
-        raise UsageError(f"data.p_uncond must be in [0, 1], got {p_uncond}")
+    check_arguments({"batch_size": batch_size, "val_size": val_size}, seed, p_uncond)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from flowdiff.data.base import FlowDataModule
+from flowdiff.data.base import FlowDataModule, check_arguments
 from flowdiff.data.batches import Batches
 from flowdiff.data.evaluators import EvalOptions, Evaluator, PointEvaluator
 from flowdiff.utils import UsageError
@@ -99,11 +99,9 @@ class TensorPairsDataModule(FlowDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        from flowdiff.data.images import _check_arguments
-
         if path is None:
             raise UsageError("data.path is required: a .pt, .npz or .npy file holding x (and y)")
-        _check_arguments(1, 3, p_uncond, batch_size, val_fraction, seed)
+        check_arguments({"batch_size": batch_size}, seed, p_uncond, {"val_fraction": val_fraction})
         self.save_hyperparameters()
         x, y, names = read_pairs(path)
         check_pairs(x, y, f"data.path {str(path)!r}")
@@ -136,10 +134,7 @@ class TensorPairsDataModule(FlowDataModule):
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer else 0
-        shard = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        g = torch.Generator().manual_seed(self.hparams.seed + 7919 * epoch)
-        return self._loader(self.train_rows, g, shard)
+        return self._loader(self.train_rows, *self.epoch_order())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows)

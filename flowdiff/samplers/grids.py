@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowdiff.config import Recorded
+from flowdiff.config import Recorded, call_repr
 from flowdiff.utils import UsageError
 
 
@@ -48,9 +48,7 @@ class TimeGrid(Recorded):
         args = list(self.init_args.values())
         return f"{self.name}:{args[0]:g}" if args else self.name
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items())
-        return f"{type(self).__name__}({args})"
+    __repr__ = call_repr
 
 
 class UniformGrid(TimeGrid):
