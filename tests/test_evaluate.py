@@ -220,6 +220,41 @@ def test_writes_a_wandb_run_offline(toy_ckpts, run_cli, tmp_path, monkeypatch):
     assert f"wandb sync {runs[0]}" in stdout
 
 
+def test_compare_draws_earlier_evaluations_beside_this_one(toy_ckpts, run_cli, tmp_path):
+    """--compare: the NFE plot gets a line per sampler setting of each run (colour: setting,
+    style: run); a run with another data floor is left out with a line; another protocol, or a
+    file that is not an evaluation, is refused before any work."""
+    from flowdiff.evaluate.report import Report
+
+    first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
+    quiet = ["--wandb", "false", "--nll", "false"]
+    assert evaluate(run_cli, toy_ckpts["toy"], first, "--sampler", "euler", "--steps", "2,4",
+                    *quiet)[0] == 0  # fmt: skip
+    assert evaluate(run_cli, toy_ckpts["toy_cfg"], other, "--steps", "2", *quiet)[0] == 0
+    code, stdout, err = evaluate(run_cli, toy_ckpts["toy"], second, "--sampler", "heun",
+                                 "--steps", "2,4", "--compare", f"{first},{other}/metrics.json",
+                                 *quiet)  # fmt: skip
+    assert code == 0, err
+    assert "is not drawn beside this evaluation: data floor" in stdout  # the 8 gaussians run
+    assert (second / "quality_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    this = Report.read(second)
+    this.columns = load_run(toy_ckpts["toy"]).datamodule.evaluator().columns
+    compared = this.comparable([Report.read(first), Report.read(other)], say=lambda m: None)
+    assert [r.run_name for r in compared] == ["run"]
+    ax = this.figures(compared)["quality_vs_nfe"].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"run: heun", "run: euler", "data floor"}
+    assert list(lines["run: euler"].get_xdata()) == [2, 4]  # NFE of the first evaluation
+    assert lines["run: heun"].get_linestyle() != lines["run: euler"].get_linestyle()
+    # Refused before any work, nothing written.
+    for compare, message in ((tmp_path / "missing", "is not a metrics.json"),
+                             (first, "another protocol (samples a row differ)")):  # fmt: skip
+        code, _, err = evaluate(run_cli, toy_ckpts["toy"], tmp_path / "no", "--compare",
+                                compare, "--num-samples", "60", *quiet)  # fmt: skip
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "no").exists()
+
+
 def test_refuses_to_overwrite(toy_ckpts, run_cli, tmp_path):
     out = tmp_path / "eval"
     assert evaluate(run_cli, toy_ckpts["toy"], out, "--steps", "2", "--wandb", "false")[0] == 0

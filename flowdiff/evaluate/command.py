@@ -25,7 +25,7 @@ from flowdiff.evaluate.sharding import chunk_generator, make_fabric, map_chunks
 from flowdiff.flags import comma_lists, plain
 from flowdiff.utils import UsageError
 
-LIST_FLAGS = {"--sampler", "--steps", "--grid", "--atol", "--rtol", "--guidance"}
+LIST_FLAGS = {"--sampler", "--steps", "--grid", "--atol", "--rtol", "--guidance", "--compare"}
 PROTOCOL = "flowdiff evaluate v1"
 
 
@@ -117,6 +117,13 @@ def build_parser() -> ArgumentParser:
         help="Inception-v3 weights: TorchScript, or torch-fidelity's pt_inception-2015-12-05 "
         "(needs torch-fidelity); adds Inception FID and KID.",
     )
+    add(
+        "--compare",
+        type=list[str] | None,
+        default=None,
+        help="Earlier evaluations (metrics.json or their folders) to draw beside this one in "
+        "the quality-against-NFE plot: runs/a/eval/x,runs/b/eval/y (same protocol).",
+    )
     add("--wandb", type=bool, default=True, help="Log the table and plots to W&B.")
     add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
     add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
@@ -201,6 +208,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     from flowdiff.checkpoint import load_run
 
     ckpt = Path(cfg.ckpt)
+    compared = [Report.read(path) for path in cfg.compare or []]  # unreadable: refused now
     run = load_run(ckpt, data_dir=cfg.data_dir)
     model = run.model
     if run.datamodule is None:
@@ -209,6 +217,15 @@ def evaluate_main(argv: list[str]) -> Path | None:
     evaluator = run.datamodule.evaluator(options)
     evaluator.check()  # data present, weights files: no work yet
     plan = make_plan(cfg, model, evaluator, ckpt.resolve().parent.parent)
+    protocol = {
+        "checkpoint": str(ckpt),
+        "protocol": PROTOCOL,
+        "samples a row": plan.num_samples,
+        "chunk (samples integrated at once)": plan.batch_size,
+        "noise": f"chunk c drawn from seed {cfg.seed} * 1000003 + c",
+    }
+    for other in compared:  # what differs before the data's own protocol is known
+        other.check_comparable(protocol)
     fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.num_nodes)
     fabric.launch()
     rank0 = fabric.global_rank == 0
@@ -237,17 +254,10 @@ def evaluate_main(argv: list[str]) -> Path | None:
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
     if not rank0:
         return None
-    protocol = {
-        "checkpoint": str(ckpt),
-        "protocol": PROTOCOL,
-        "samples a row": plan.num_samples,
-        "chunk (samples integrated at once)": plan.batch_size,
-        "noise": f"chunk c drawn from seed {cfg.seed} * 1000003 + c",
-        **evaluator.protocol(plan.num_samples),
-    }
+    protocol.update(evaluator.protocol(plan.num_samples))
     report = Report(protocol, evaluator.columns, rows, evaluator.floor, nll)
     print(report.table())
-    report.write(plan.out)
+    report.write(plan.out, report.comparable(compared))
     if cfg.wandb:
         report.log_wandb(plan.out, run_name=ckpt.resolve().parent.parent.name)
     print(f"flowdiff: wrote {plan.out / 'metrics.json'} and the plots beside it")

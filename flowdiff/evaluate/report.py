@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flowdiff.data.evaluators import Column
-from flowdiff.utils import atomic_path
+from flowdiff.utils import UsageError, atomic_path
+
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass
@@ -117,19 +119,70 @@ class Report:
             "likelihood": self.likelihood,
         }
 
-    def write(self, out: Path) -> None:
-        """``metrics.json`` and the two plots, each written atomically."""
+    @classmethod
+    def read(cls, path: str | Path) -> Report:
+        """The report an earlier evaluation wrote (``metrics.json`` or its folder); its columns
+        are left to the report it is drawn beside."""
+        path = Path(path)
+        path = path / "metrics.json" if path.is_dir() else path
+        try:
+            d = json.loads(path.read_text())
+            rows = [Row(**r) for r in d["rows"]]
+            report = cls(d["protocol"], [], rows, d["floor"], d.get("likelihood"))
+            report.protocol["checkpoint"]  # noqa: B018 (every evaluation records it)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise UsageError(f"--compare: {str(path)!r} is not a metrics.json of flowdiff "
+                             f"evaluate ({type(err).__name__}: {err})") from err  # fmt: skip
+        return report
+
+    @property
+    def run_name(self) -> str:
+        """The run directory's name (``runs/toy-ot/checkpoints/last.ckpt``: ``toy-ot``)."""
+        ckpt = Path(self.protocol["checkpoint"])
+        return ckpt.parent.parent.name or ckpt.stem
+
+    def differences(self, protocol: dict) -> list[str]:
+        """The protocol entries, other than the checkpoint, where ``protocol`` differs."""
+        keys = (set(protocol) | set(self.protocol)) - {"checkpoint"}
+        return sorted(k for k in keys if self.protocol.get(k) != protocol.get(k))
+
+    def check_comparable(self, protocol: dict) -> None:
+        """Refuse an earlier evaluation whose protocol differs in the entries of ``protocol``."""
+        differ = [k for k in self.differences(protocol) if k in protocol]
+        if differ:
+            raise UsageError(f"--compare: the evaluation of {self.protocol['checkpoint']} used "
+                             f"another protocol ({', '.join(differ)} differ)")  # fmt: skip
+
+    def comparable(self, others: list[Report], say=print) -> list[Report]:
+        """Those of ``others`` evaluated with this report's whole protocol (and data floor);
+        a line for each one left out."""
+        kept = []
+        for other in others:
+            differ = other.differences(self.protocol)
+            if other.floor != self.floor:
+                differ.append("data floor")
+            if differ:
+                say(f"flowdiff: {other.run_name} is not drawn beside this evaluation: "
+                    f"{', '.join(differ)} differ")  # fmt: skip
+            else:
+                kept.append(other)
+        return kept
+
+    def write(self, out: Path, compared: list[Report] = ()) -> None:
+        """``metrics.json`` and the two plots, each written atomically; the runs ``compared``
+        are drawn beside this one in the quality-against-NFE plot."""
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         from flowdiff.plots import save_figure
 
-        for name, fig in self.figures().items():
+        for name, fig in self.figures(compared).items():
             save_figure(fig, out / f"{name}.png")
 
-    def figures(self) -> dict:
+    def figures(self, compared: list[Report] = ()) -> dict:
         """Quality against NFE (a line per sampler and scale) and against guidance (a line per
         sampler and step count), with the data floor dashed; none when the data has no sample
-        metric (unlabelled images without Inception weights: bits/dim alone)."""
+        metric (unlabelled images without Inception weights: bits/dim alone). The runs
+        ``compared`` join the NFE plot: a colour per sampler setting, a line style per run."""
         import matplotlib.pyplot as plt
 
         if not self.columns:
@@ -141,18 +194,27 @@ class Report:
             ("quality_vs_nfe", lambda r: r.nfe, _nfe_group, "NFE"),
             ("quality_vs_guidance", lambda r: r.guidance, _guidance_group, "guidance scale w"),
         ):
+            reports = [self, *compared] if name == "quality_vs_nfe" else [self]
             fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100)
+            if len(reports) > 1:
+                fig.set_size_inches(7 * len(panels), 5)
             axes = [axes] if len(panels) == 1 else list(axes)
             for ax, column in zip(axes, panels, strict=True):
-                groups: dict = {}
-                for r in self.rows:
-                    if x_of(r) is not None and r.metrics.get(column.key) is not None:
-                        groups.setdefault(group_of(r), []).append(r)
-                for key, rows in groups.items():
-                    rows = sorted(rows, key=x_of)
-                    xs = [x_of(r) for r in rows]
-                    ys = [r.metrics[column.key] * column.scale for r in rows]
-                    ax.plot(xs, ys, marker="o", label=_label(key))
+                colours: dict = {}
+                for i, report in enumerate(reports):
+                    groups: dict = {}
+                    for r in report.rows:
+                        if x_of(r) is not None and r.metrics.get(column.key) is not None:
+                            groups.setdefault(group_of(r), []).append(r)
+                    for key, rows in groups.items():
+                        rows = sorted(rows, key=x_of)
+                        xs = [x_of(r) for r in rows]
+                        ys = [r.metrics[column.key] * column.scale for r in rows]
+                        colour = colours.setdefault(key, f"C{len(colours) % 10}")
+                        label = _label(key)
+                        label = f"{report.run_name}: {label}" if len(reports) > 1 else label
+                        style = LINE_STYLES[i % len(LINE_STYLES)]
+                        ax.plot(xs, ys, style, marker="o", ms=3, c=colour, label=label)
                 if self.floor.get(column.key) is not None:
                     floor = self.floor[column.key] * column.scale
                     ax.axhline(floor, ls="--", c="grey", label="data floor")
@@ -160,8 +222,8 @@ class Report:
                     ax.set_xscale("log")
                 ax.set(xlabel=x_label, ylabel=column.header)
                 ax.grid(alpha=0.3)
-                if groups:
-                    ax.legend(fontsize=8)
+                if colours:
+                    ax.legend(fontsize=8 if len(reports) == 1 else 6)
                 else:
                     ax.text(0.5, 0.5, "no rows with this axis", ha="center", transform=ax.transAxes)
             fig.suptitle(self.protocol.get("checkpoint", ""), fontsize=9)
