@@ -51,3 +51,19 @@ def timed_fit(fit_args: list[str], workdir, warmup: int = 100) -> dict:
     env.setdefault("WANDB_MODE", "offline")
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
+
+
+class CPUBudget(L.Callback):
+    """Stops training once this process has used ``seconds`` of CPU time (all its threads), counted
+    from the start of training: equal CPU budgets for networks that run at different speeds, which
+    other work on a shared machine changes less than it changes wall time (with one thread)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if time.process_time() - self.start >= self.seconds:
+            trainer.should_stop = True
