@@ -338,7 +338,8 @@ def nan_run(root: Path, *extra: str) -> list[str]:
 
 def test_nan_loss_stops_before_its_update(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, *guard, "--trainer.max_steps", "20", "--data.init_args.nan_at",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "20", "--data.init_args.nan_at",
                                     "[7]"))  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 1
@@ -356,7 +357,8 @@ def test_nan_loss_stops_before_its_update(tmp_path, run_cli, guard):
 
 def test_nan_loss_before_any_checkpoint(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, *guard, "--trainer.max_steps", "20", "--data.init_args.nan_at",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "20", "--data.init_args.nan_at",
                                     "[1]"))  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "the loss is nan at step 1 " in err and "no checkpoint yet" in err
@@ -365,7 +367,8 @@ def test_nan_loss_before_any_checkpoint(tmp_path, run_cli, guard):
 
 def test_nan_loss_skipped(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, out, err = run_cli(*nan_run(root, *guard, "--trainer.max_steps", "12", "--data.init_args.nan_at",
+    code, out, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "12", "--data.init_args.nan_at",
                                       "[5, 9, 10]", "--nonfinite.action", "skip"))  # fmt: skip
     assert code == 0, err
     assert err.strip().splitlines() == [
@@ -384,7 +387,8 @@ def test_skipping_forever_stops(tmp_path, run_cli, guard):
     MAX_SKIPPED_IN_A_ROW = 100  # NonFiniteGuard's default
 
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, *guard, "--trainer.max_steps", "500", "--data.init_args.nan_from",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "500", "--data.init_args.nan_from",
                                     "4", "--nonfinite.action", "skip"))  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 1
