@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ from flowdiff.nonfinite import NonFiniteGuard, TrainingError
 from flowdiff.plots import save_figure
 from flowdiff.utils import UsageError
 
-__all__ = ["EMA", "NonFiniteGuard", "TrainingError", "ValidationSamples", "ema_decay"]
+__all__ = [
+    "EMA", "NonFiniteGuard", "Throughput", "TrainingError", "ValidationSamples", "ema_decay"
+]  # fmt: skip
 
 
 def ema_decay(decay: float, warmup: float, num_averaged: int) -> float:
@@ -56,6 +59,34 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+
+class Throughput(Callback):
+    """Training samples a second (images/s, points/s), logged as ``train/samples_per_sec`` at the
+    logging interval: the wall time of the interval's batches, validation excluded.
+
+    Unlike Lightning's ``ThroughputMonitor`` it never synchronizes the GPU: over an interval the
+    host runs at the device's pace (it waits whenever the launch queue is full), so the rate is
+    the device's without stalling it each batch.
+    """
+
+    def __init__(self):
+        self._start, self._samples, self._step = None, 0, -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._start is None:
+            self._start, self._samples, self._step = time.perf_counter(), 0, trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._samples += len(batch[0]) * trainer.world_size
+        step = trainer.global_step
+        if step != self._step and step % trainer.log_every_n_steps == 0:
+            rate = self._samples / (time.perf_counter() - self._start)
+            pl_module.log("train/samples_per_sec", rate, rank_zero_only=True)
+            self._start, self._samples, self._step = time.perf_counter(), 0, step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._start = None  # the next interval starts with the next training batch
 
 
 class ValidationSamples(Callback):
