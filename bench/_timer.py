@@ -9,19 +9,29 @@ import lightning as L
 
 class StepTimer(L.Callback):
     """Wall time from the start of step ``warmup`` to the end of training (validation,
-    checkpointing and logging included); writes ``{"steps", "seconds"}`` to $FLOWDIFF_BENCH_OUT."""
+    checkpointing and logging included); writes ``{"steps", "seconds"}`` to $FLOWDIFF_BENCH_OUT.
+    On a GPU the clock reads wait for the queued work (twice a run)."""
 
     def __init__(self, warmup: int = 100):
         self.warmup, self.start, self.first = warmup, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.start is None and trainer.global_step >= self.warmup:
+            _synchronize(pl_module)
             self.start, self.first = time.perf_counter(), trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
+        _synchronize(pl_module)
         seconds = time.perf_counter() - self.start
         with open(os.environ["FLOWDIFF_BENCH_OUT"], "w") as f:
             json.dump({"steps": trainer.global_step - self.first, "seconds": seconds}, f)
+
+
+def _synchronize(pl_module) -> None:
+    if pl_module.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(pl_module.device)
 
 
 def timed_fit(fit_args: list[str], workdir, warmup: int = 100) -> dict:

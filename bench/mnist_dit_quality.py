@@ -7,7 +7,8 @@ the same protocol: FD and KID on the MNIST classifier's features, precision, rec
 accuracy at 10, 20 and 50 Euler steps and guidance 1 and 3. Needs MNIST in ./data (`make data`).
 Run by hand (about an hour on 2 CPU cores):
 
-    python bench/mnist_dit_quality.py [--cpu-seconds 1200] [--num-samples 500] [--out runs/dit-vs-unet]
+    python bench/mnist_dit_quality.py [--cpu-seconds 1200] [--num-samples 500]
+        [--out runs/dit-vs-unet]
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("runs/dit-vs-unet"))
     args = parser.parse_args()
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+           "PYTHONPATH": path}  # fmt: skip
     fits = {
         name: subprocess.Popen(
             [sys.executable, "-m", "flowdiff.cli", "fit", "--config", config,

@@ -1,17 +1,22 @@
-"""Training callbacks: EMA of the weights, the non-finite guard, validation samples."""
+"""Training callbacks: EMA of the weights, validation samples; the non-finite guard is
+:mod:`flowdiff.nonfinite`."""
 
 from __future__ import annotations
 
-import sys
+import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch import Tensor
 
+from flowdiff.nonfinite import NonFiniteGuard, TrainingError
 from flowdiff.plots import save_figure
 from flowdiff.utils import UsageError
+
+__all__ = [
+    "EMA", "NonFiniteGuard", "Throughput", "TrainingError", "ValidationSamples", "ema_decay"
+]  # fmt: skip
 
 
 def ema_decay(decay: float, warmup: float, num_averaged: int) -> float:
@@ -56,78 +61,32 @@ class EMA(WeightAveraging):
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
 
 
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must read (a non-finite loss, weights or a checkpoint
-    that cannot be written): the CLI prints it on one line and exits non-zero."""
+class Throughput(Callback):
+    """Training samples a second (images/s, points/s), logged as ``train/samples_per_sec`` at the
+    logging interval: the wall time of the interval's batches, validation excluded.
 
-
-class NonFiniteGuard(Callback):
-    """What a non-finite (nan or inf) training loss does.
-
-    ``stop``: training stops with an error naming the step, before its update (the weights and
-    checkpoints stay finite). ``skip``: the update is skipped (the gradients are dropped, so the
-    optimizer leaves every weight and its state as they were; the step still counts in
-    ``trainer.global_step``), counted in ``train/skipped_batches``; ``max_skipped`` skips in a
-    row stop training all the same.
-
-    The loss is read on the host once an optimizer step (one sync); under DDP the ranks agree, so
-    all stop or skip together.
-
-    Args:
-        action: ``stop`` or ``skip``.
-        max_skipped: non-finite losses in a row that stop training even with ``skip``.
+    Unlike Lightning's ``ThroughputMonitor`` it never synchronizes the GPU: over an interval the
+    host runs at the device's pace (it waits whenever the launch queue is full), so the rate is
+    the device's without stalling it each batch.
     """
 
-    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skipped: int = 100):
-        if action not in ("stop", "skip"):
-            raise UsageError(f"nonfinite.action must be 'stop' or 'skip', got {action!r}")
-        if max_skipped < 1:
-            raise UsageError(f"nonfinite.max_skipped must be >= 1, got {max_skipped}")
-        self.action, self.max_skipped = action, max_skipped
-        self.skipped, self.in_a_row, self._bad_loss = 0, 0, None
+    def __init__(self):
+        self._start, self._samples, self._step = None, 0, -1
 
-    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if self._bad_loss is None and not bool(torch.isfinite(loss)):
-            self._bad_loss = float(loss.detach())
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._start is None:
+            self._start, self._samples, self._step = time.perf_counter(), 0, trainer.global_step
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad, self._bad_loss = self._bad_loss, None
-        if trainer.strategy.reduce_boolean_decision(bad is None):
-            self.in_a_row = 0
-            return
-        step = trainer.global_step + 1  # the optimizer step this batch was for, counted from 1
-        if self.action == "skip" and self.in_a_row < self.max_skipped:
-            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
-            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient do not move
-            pl_module.log("train/skipped_batches", float(self.skipped))
-            if self.skipped == 1:
-                print(f"flowdiff: the loss is {bad} at step {step}: batch skipped "
-                      "(nonfinite.action=skip; later ones are counted in train/skipped_batches)",
-                      file=sys.stderr)  # fmt: skip
-            return
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-        kept = f"last checkpoint kept: {last}" if Path(last).is_file() else "no checkpoint yet"
-        if self.action == "skip":
-            raise TrainingError(
-                f"training stopped: the loss is {bad} at step {step}, after {self.max_skipped} "
-                f"skipped batches in a row; {kept}. Lower the learning rate or set "
-                "--trainer.gradient_clip_val"
-            )
-        raise TrainingError(
-            f"training stopped: the loss is {bad} at step {step} (stopped before its update: the "
-            f"weights are those of step {step - 1}); {kept}. Lower the learning rate, set "
-            "--trainer.gradient_clip_val, or pass --nonfinite.action skip to skip such batches"
-        )
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._samples += len(batch[0]) * trainer.world_size
+        step = trainer.global_step
+        if step != self._step and step % trainer.log_every_n_steps == 0:
+            rate = self._samples / (time.perf_counter() - self._start)
+            pl_module.log("train/samples_per_sec", rate, rank_zero_only=True)
+            self._start, self._samples, self._step = time.perf_counter(), 0, step
 
-    def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.skipped = int(state_dict.get("skipped", 0))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.skipped and trainer.is_global_zero:
-            print(f"flowdiff: skipped {self.skipped} batches with a non-finite loss")
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._start = None  # the next interval starts with the next training batch
 
 
 class ValidationSamples(Callback):

@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_module
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flowdiff.callbacks import TrainingError
 from flowdiff.config import build
 from flowdiff.module import FlowModule
+from flowdiff.nonfinite import TrainingError
 from flowdiff.utils import UsageError, atomic_path
 
 

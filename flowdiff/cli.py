@@ -11,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from flowdiff.callbacks import EMA, NonFiniteGuard, TrainingError, ValidationSamples
+from flowdiff.callbacks import EMA, NonFiniteGuard, Throughput, TrainingError, ValidationSamples
 from flowdiff.checkpoint import RunCheckpoint, SafeCheckpointIO, read_checkpoint
 from flowdiff.data.base import FlowDataModule
 from flowdiff.messages import (
@@ -180,6 +180,11 @@ class FlowdiffCLI(LightningCLI):
         if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
             kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.loggers and self.subcommand == "fit":
+            # W&B shows the learning rate and samples/s (images/s, points/s) beside the loss.
+            from lightning.pytorch.callbacks import LearningRateMonitor
+
+            trainer.callbacks[:0] = [LearningRateMonitor("step"), Throughput()]
         # Lightning's stock checkpoint I/O (not one the user chose through --trainer.plugins or
         # the strategy) becomes the safe one: atomic writes, weights_only reads.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -96,7 +96,15 @@ def build_parser() -> ArgumentParser:
         help="Output directory (default: <run>/samples/<sampler>-<steps>steps-seed<seed>).",
     )
     add("--overwrite", type=bool, default=False, help="Replace the files of an existing output.")
-    add("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--device", type=str, default="auto", help="auto (a CUDA GPU if any), cpu, cuda:1...")
+    add(
+        "--precision",
+        type=Literal["32-true", "bf16-mixed", "16-mixed"] | None,
+        default=None,
+        help="The network's precision (autocast; the sampler stays in float32). Default: the "
+        "checkpoint's training precision on a GPU, 32-true on a CPU.",
+    )
+    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
     add(
         "--batch-size",
         type=PositiveInt | None,
@@ -123,7 +131,9 @@ def sample_main(argv: list[str]) -> Path:
     interval = (parse_intervals(cfg.guidance_interval) or [None])[0]
     atol, rtol = (None if v is None else float(v) for v in (cfg.atol, cfg.rtol))
     from flowdiff.checkpoint import load_run
+    from flowdiff.inference import InferenceNetwork, resolve_device, resolve_precision
 
+    device = resolve_device(cfg.device)
     ckpt_path = Path(cfg.ckpt)
     run = load_run(ckpt_path)
     model = run.model
@@ -151,7 +161,9 @@ def sample_main(argv: list[str]) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):  # said now, not after sampling
         raise UsageError(f"cannot write to output directory {str(out)!r}: permission denied")
 
-    model.to(torch.device(cfg.device))
+    model.to(device)
+    precision = resolve_precision(cfg.precision, run.checkpoint.get("precision"), device)
+    model.inference = InferenceNetwork(model.net, precision, cfg.compile)
     n = len(y) if y is not None else cfg.num_samples
     trajectory = evaluator.trajectories and y is None
     results, start = [], time.perf_counter()
@@ -184,6 +196,8 @@ def sample_main(argv: list[str]) -> Path:
         "sampler": repr(sampler),
         "seed": cfg.seed,
         "checkpoint": str(ckpt_path),
+        "device": str(device),
+        "precision": precision,
     }
     names = [f"w = {w:g}" if w is not None else "" for w in scales]
     panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
@@ -201,6 +215,6 @@ def sample_main(argv: list[str]) -> Path:
     except OSError as err:
         raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")
-    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {nfe})")
+    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {nfe}; {device}, {precision})")
     print(f"flowdiff: wrote {files['samples']} and {files['picture']}")
     return out

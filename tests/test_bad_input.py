@@ -124,6 +124,12 @@ CASES = [
     ("eval-zero-steps", EVAL + " --steps 10,0", ["steps", "positive"]),
     ("eval-zero-batch-size", EVAL + " --batch-size 0", ["batch_size", "positive"]),
     ("eval-zero-nll-steps", EVAL + " --nll-steps 0", ["nll_steps", "positive"]),
+    # devices and precision
+    ("sample-unknown-device", SAMPLE + " --device tpu9", ["--device", "tpu9", "not available"]),
+    ("sample-cuda-index", SAMPLE + " --device cuda:99", ["--device", "cuda:99", "not available"]),
+    ("sample-bad-precision", SAMPLE + " --precision 8-true", ["precision", "8-true"]),
+    ("eval-unknown-device", EVAL + " --device tpu9", ["tpu9"]),
+    ("eval-bad-precision", EVAL + " --precision 64", ["precision", "64"]),
     # samplers, grids, tolerances, guidance intervals
     ("sample-unknown-grid", SAMPLE + " --grid linear", ["unknown grid", "linear"]),
     ("sample-zero-rho", SAMPLE + " --grid edm:0", ["rho", "> 0"]),

@@ -311,6 +311,21 @@ class NaNToyData(ToyDataModule):
         return x, y
 
 
+# The guard's two checks: on the host every step (the CPU default), and on the device (the GPU
+# default) with fused Adam's found_inf or, for other optimizers, a copy put back after the step.
+GUARD_CHECKS = {
+    "every-step": [],
+    "device-fused": ["--nonfinite.check_every_step", "false"],
+    "device-copy": ["--nonfinite.check_every_step", "false",
+                    "--model.optimizer.init_args.fused", "false"],
+}  # fmt: skip
+
+
+@pytest.fixture(params=list(GUARD_CHECKS))
+def guard(request) -> list[str]:
+    return GUARD_CHECKS[request.param]
+
+
 def nan_run(root: Path, *extra: str) -> list[str]:
     return fit_args(
         root,
@@ -321,9 +336,10 @@ def nan_run(root: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-def test_nan_loss_stops_before_its_update(tmp_path, run_cli):
+def test_nan_loss_stops_before_its_update(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, "--trainer.max_steps", "20", "--data.init_args.nan_at",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "20", "--data.init_args.nan_at",
                                     "[7]"))  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 1
@@ -339,18 +355,20 @@ def test_nan_loss_stops_before_its_update(tmp_path, run_cli):
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 
-def test_nan_loss_before_any_checkpoint(tmp_path, run_cli):
+def test_nan_loss_before_any_checkpoint(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, "--trainer.max_steps", "20", "--data.init_args.nan_at",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "20", "--data.init_args.nan_at",
                                     "[1]"))  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "the loss is nan at step 1 " in err and "no checkpoint yet" in err
     assert not (root / "checkpoints").exists()
 
 
-def test_nan_loss_skipped(tmp_path, run_cli):
+def test_nan_loss_skipped(tmp_path, run_cli, guard):
     root = tmp_path / "run"
-    code, out, err = run_cli(*nan_run(root, "--trainer.max_steps", "12", "--data.init_args.nan_at",
+    code, out, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "12", "--data.init_args.nan_at",
                                       "[5, 9, 10]", "--nonfinite.action", "skip"))  # fmt: skip
     assert code == 0, err
     assert err.strip().splitlines() == [
@@ -365,11 +383,12 @@ def test_nan_loss_skipped(tmp_path, run_cli):
     assert all_finite(ckpt)
 
 
-def test_skipping_forever_stops(tmp_path, run_cli):
+def test_skipping_forever_stops(tmp_path, run_cli, guard):
     MAX_SKIPPED_IN_A_ROW = 100  # NonFiniteGuard's default
 
     root = tmp_path / "run"
-    code, _, err = run_cli(*nan_run(root, "--trainer.max_steps", "500", "--data.init_args.nan_from",
+    code, _, err = run_cli(*nan_run(root, *guard,
+                                    "--trainer.max_steps", "500", "--data.init_args.nan_from",
                                     "4", "--nonfinite.action", "skip"))  # fmt: skip
     lines = err.strip().splitlines()
     assert code == 1
@@ -508,3 +527,36 @@ def test_checkpoint_io_reads_as_data_whatever_the_caller_asks(tmp_path, good_ckp
     with pytest.raises(UsageError, match="refusing checkpoint"):
         SafeCheckpointIO().load_checkpoint(path, weights_only=False)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_device_skip_leaves_weights_and_optimizer_state(fused):
+    """The device-side skip (no host read): a skipped step leaves every weight and every tensor
+    of Adam's state bit for bit as it was; an unskipped one moves them."""
+    from flowdiff.nonfinite import NonFiniteGuard
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=fused)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    guard = NonFiniteGuard(check_every_step=False)
+    optimizer.register_step_post_hook(guard._after_step)
+
+    def step(skip: bool, grad: float) -> None:
+        for p in net.parameters():
+            p.grad = torch.full_like(p, grad)
+        guard._skip = torch.tensor(skip)
+        guard._before_step(trainer, optimizer)
+        optimizer.step()
+
+    def state() -> list[torch.Tensor]:
+        opt = [v.clone() for s in optimizer.state.values() for v in s.values()]
+        return [p.detach().clone() for p in net.parameters()] + opt
+
+    step(False, 1.0)  # Adam's state exists from here on
+    before = state()
+    step(True, float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(before, state(), strict=True))
+    assert getattr(optimizer, "found_inf", None) is None  # taken off after the step
+    step(False, 1.0)
+    assert not any(torch.equal(a, b) for a, b in zip(before, state(), strict=True))

@@ -1,4 +1,4 @@
-"""The MLP's contract and the EMA callback's decay."""
+"""The MLP's contract, the EMA callback's decay and the metrics a fit logs."""
 
 import pytest
 import torch
@@ -50,3 +50,26 @@ def test_ema_bad_arguments(kwargs):
 
     with pytest.raises(UsageError):
         EMA(**kwargs)
+
+
+def test_fit_logs_learning_rate_and_samples_per_second(tmp_path, run_cli):
+    """What W&B shows beside the loss: the learning rate and the training samples/s (here through
+    Lightning's CSV logger: the same metrics, offline)."""
+    import csv
+
+    root = tmp_path / "run"
+    code, _, err = run_cli(
+        "fit", "--config", "toy.yaml", "--trainer.default_root_dir", root,
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir", root,
+        "--trainer.max_steps", 10, "--trainer.log_every_n_steps", 5,
+        "--trainer.limit_val_batches", 0,
+        "--model.net.init_args.hidden", 16, "--data.init_args.batch_size", 32,
+    )  # fmt: skip
+    assert code == 0, err
+    (metrics,) = root.glob("lightning_logs/*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    lr = [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")]
+    rate = [float(r["train/samples_per_sec"]) for r in rows if r.get("train/samples_per_sec")]
+    assert lr and lr[0] == pytest.approx(1e-3)  # toy.yaml's rate at the start of the cosine
+    assert len(rate) == 2 and all(r > 0 for r in rate)  # steps 5 and 10

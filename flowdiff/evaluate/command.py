@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
@@ -125,7 +126,21 @@ def build_parser() -> ArgumentParser:
         "the quality-against-NFE plot: runs/a/eval/x,runs/b/eval/y (same protocol).",
     )
     add("--wandb", type=bool, default=True, help="Log the table and plots to W&B.")
-    add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
+    add(
+        "--accelerator",
+        "--device",
+        type=str,
+        default="auto",
+        help="auto (a CUDA GPU if any), cpu, cuda, gpu; --devices says how many.",
+    )
+    add(
+        "--precision",
+        type=Literal["32-true", "bf16-mixed", "16-mixed"] | None,
+        default=None,
+        help="The network's precision (autocast; the sampler stays in float32). Default: the "
+        "checkpoint's training precision on a GPU, 32-true on a CPU.",
+    )
+    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
     add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
     add("--num-nodes", type=PositiveInt, default=1, help="Nodes (torchrun or SLURM launch them).")
     return parser  # fmt: skip
@@ -206,6 +221,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
     cfg.guidance, cfg.steps = plain(cfg.guidance, float), plain(cfg.steps, int)
     from flowdiff.checkpoint import load_run
+    from flowdiff.inference import InferenceNetwork, resolve_precision
 
     ckpt = Path(cfg.ckpt)
     compared = [Report.read(path) for path in cfg.compare or []]  # unreadable: refused now
@@ -238,6 +254,8 @@ def evaluate_main(argv: list[str]) -> Path | None:
             raise UsageError(f"output directory {str(plan.out)!r} is not writable")
         evaluator.prepare(plan.num_samples, lambda m: log(fabric, m))
     model.to(fabric.device)
+    precision = resolve_precision(cfg.precision, run.checkpoint.get("precision"), fabric.device)
+    model.inference = InferenceNetwork(model.net, precision, cfg.compile)
 
     rows = []
     for i, (sampler, w, interval) in enumerate(plan.rows, 1):
@@ -254,6 +272,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
     if not rank0:
         return None
+    protocol["network precision"] = precision + (", compiled" if cfg.compile else "")
     protocol.update(evaluator.protocol(plan.num_samples))
     report = Report(protocol, evaluator.columns, rows, evaluator.floor, nll)
     print(report.table())

@@ -142,8 +142,9 @@ class Report:
         return ckpt.parent.parent.name or ckpt.stem
 
     def differences(self, protocol: dict) -> list[str]:
-        """The protocol entries, other than the checkpoint, where ``protocol`` differs."""
-        keys = (set(protocol) | set(self.protocol)) - {"checkpoint"}
+        """The protocol entries where ``protocol`` differs, other than the checkpoint and the
+        network's precision (what a comparison is often for)."""
+        keys = (set(protocol) | set(self.protocol)) - {"checkpoint", "network precision"}
         return sorted(k for k in keys if self.protocol.get(k) != protocol.get(k))
 
     def check_comparable(self, protocol: dict) -> None:

@@ -208,10 +208,13 @@ def accuracy(classifier: nn.Module, data: tuple[Tensor, Tensor]) -> float:
 
 
 def train_classifier(
-    train: tuple[Tensor, Tensor], log: Callable[[str], None] = print, recipe: Recipe | None = None
+    train: tuple[Tensor, Tensor],
+    log: Callable[[str], None] = print,
+    recipe: Recipe | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Train the classifier of ``recipe`` (default MNIST's, :data:`TRAINING`): the same data
-    gives the same weights."""
+    """Train the classifier of ``recipe`` (default MNIST's, :data:`TRAINING`) on ``device``: the
+    same data gives the same weights (on the CPU: the cached classifiers are trained there)."""
     recipe = recipe or mnist_recipe()
     training = recipe.training
     images, labels = train
@@ -222,7 +225,8 @@ def train_classifier(
     epochs = max(epochs, -(-training.get("min_steps", 0) // per_epoch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = recipe.make()
+        model = recipe.make().to(device)
+    images, labels = images.to(device), labels.to(device)
     order = torch.Generator().manual_seed(seed + 1)
     steps = epochs * per_epoch
     opt = torch.optim.AdamW(
@@ -234,7 +238,7 @@ def train_classifier(
         start, total, count = time.perf_counter(), 0.0, 0
         perm = torch.randperm(len(labels), generator=order)
         for i in range(0, len(perm), batch):
-            idx = perm[i : i + batch]
+            idx = perm[i : i + batch].to(device)
             loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,71 @@
+"""The network as ``flowdiff sample`` and ``evaluate`` run it: on a device, at a precision, compiled
+or not. Only the network runs in reduced precision; the sampler's state stays in float32."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from flowdiff.utils import UsageError
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the CUDA GPU when there is one, else the CPU; otherwise a device torch knows and
+    this machine has (``cpu``, ``cuda``, ``cuda:1``...), or one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"--device {name!r} is not available here ({reason}); use auto, cpu, cuda or cuda:N"
+        ) from err
+    return device
+
+
+def resolve_precision(
+    precision: str | None, trained_with: str | None, device: torch.device
+) -> Precision:
+    """The precision given, else the checkpoint's training precision on a GPU (when it was a
+    mixed one), else ``32-true``: on a CPU without bf16 matrix units (AMX) reduced precision is
+    not faster, and it changes the samples."""
+    if precision is not None:
+        return precision
+    if device.type == "cuda" and trained_with in ("bf16-mixed", "16-mixed"):
+        return trained_with
+    return "32-true"
+
+
+class InferenceNetwork:
+    """``net(x, t, y)`` under ``torch.autocast`` at a mixed precision, its output back in ``x``'s
+    dtype (the sampler integrates in float32), compiled with ``torch.compile`` when asked.
+
+    Not a module: the model's state dict and checkpoints never see it. ``compile_seconds`` is the
+    wall time of the first call of a compiled network (compilation and one forward).
+    """
+
+    def __init__(self, net: nn.Module, precision: Precision = "32-true", compile: bool = False):
+        if precision not in AUTOCAST_DTYPES:
+            raise UsageError(f"precision {precision!r}: expected one of {list(AUTOCAST_DTYPES)}")
+        self.net, self.precision, self.compiled = net, precision, compile
+        self.num_classes = getattr(net, "num_classes", 0)
+        self._dtype = AUTOCAST_DTYPES[precision]
+        self._forward = torch.compile(net) if compile else net
+        self.compile_seconds: float | None = None
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        start = time.perf_counter() if self.compiled and self.compile_seconds is None else None
+        with torch.autocast(x.device.type, dtype=self._dtype, enabled=self._dtype is not None):
+            out = self._forward(x, t, y)
+        if start is not None:
+            self.compile_seconds = time.perf_counter() - start
+            print(f"flowdiff: network compiled in {self.compile_seconds:.1f} s (its first call)")
+        return out.to(x.dtype)
