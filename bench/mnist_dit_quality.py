@@ -35,12 +35,28 @@ def main() -> None:
            "PYTHONPATH": path}  # fmt: skip
     fits = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "flowdiff.cli", "fit", "--config", config,
-             "--trainer.default_root_dir", str(args.out / name), "--trainer.logger", "false",
-             "--trainer.val_check_interval", "100000", "--trainer.max_steps", "100000",
-             "--trainer.callbacks+=_timer.CPUBudget",
-             "--trainer.callbacks.init_args.seconds", str(args.cpu_seconds)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "flowdiff.cli",
+                "fit",
+                "--config",
+                config,
+                "--trainer.default_root_dir",
+                str(args.out / name),
+                "--trainer.logger",
+                "false",
+                "--trainer.val_check_interval",
+                "100000",
+                "--trainer.max_steps",
+                "100000",
+                "--trainer.callbacks+=_timer.CPUBudget",
+                "--trainer.callbacks.init_args.seconds",
+                str(args.cpu_seconds),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )  # fmt: skip
         for name, config in CONFIGS.items()
     }
