@@ -1,10 +1,11 @@
 """MNIST: the DiT of mnist_dit.yaml against the U-Net of mnist.yaml after the same CPU time.
 
 Each config trains as shipped in its own `flowdiff fit` process with one intra-op thread
-(OMP_NUM_THREADS=1) until the process has used ``--cpu-seconds`` of CPU time (bench/_timer.py
-CPUBudget; the two run side by side), then both checkpoints are scored by `flowdiff evaluate` with
-the same protocol: FD and KID on the MNIST classifier's features, precision, recall and class
-accuracy at 10, 20 and 50 Euler steps and guidance 1 and 3. Needs MNIST in ./data (`make data`).
+(OMP_NUM_THREADS=1, as the evaluations) until the process has used ``--cpu-seconds`` of CPU time
+(bench/_timer.py CPUBudget; the two run side by side), then both checkpoints are scored by
+`flowdiff evaluate` with the same protocol: FD and KID on the MNIST classifier's features,
+precision, recall and class accuracy at 10, 20 and 50 Euler steps and guidance 1 and 3. Needs
+MNIST in ./data (`make data`).
 Run by hand (about an hour on 2 CPU cores):
 
     python bench/mnist_dit_quality.py [--cpu-seconds 1200] [--num-samples 500]
@@ -29,37 +30,42 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=1200)
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("runs/dit-vs-unet"))
+    parser.add_argument("--evaluate-only", action="store_true", help="score the runs in --out")
     args = parser.parse_args()
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "PYTHONPATH": path}  # fmt: skip
-    fits = {
-        name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flowdiff.cli",
-                "fit",
-                "--config",
-                config,
-                "--trainer.default_root_dir",
-                str(args.out / name),
-                "--trainer.logger",
-                "false",
-                "--trainer.val_check_interval",
-                "100000",
-                "--trainer.max_steps",
-                "100000",
-                "--trainer.callbacks+=_timer.CPUBudget",
-                "--trainer.callbacks.init_args.seconds",
-                str(args.cpu_seconds),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for name, config in CONFIGS.items()
-    }
+    fits = (
+        {}
+        if args.evaluate_only
+        else {
+            name: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "flowdiff.cli",
+                    "fit",
+                    "--config",
+                    config,
+                    "--trainer.default_root_dir",
+                    str(args.out / name),
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.val_check_interval",
+                    "100000",
+                    "--trainer.max_steps",
+                    "100000",
+                    "--trainer.callbacks+=_timer.CPUBudget",
+                    "--trainer.callbacks.init_args.seconds",
+                    str(args.cpu_seconds),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for name, config in CONFIGS.items()
+        }
+    )
     for name, process in fits.items():
         if process.wait():
             sys.exit(f"flowdiff fit of {name} failed")
@@ -71,7 +77,7 @@ def main() -> None:
             [sys.executable, "-m", "flowdiff.cli", "evaluate", "--ckpt", str(ckpt),
              "--steps", "10,20,50", "--guidance", "1,3", "--num-samples", str(args.num_samples),
              "--nll", "false", "--wandb", "false", "--out", str(out), "--overwrite", "true"],
-            env={**env, "OMP_NUM_THREADS": "2"}, check=True,
+            env=env, check=True,
         )  # fmt: skip
         tables[name] = json.loads((out / "metrics.json").read_text())
     import torch
