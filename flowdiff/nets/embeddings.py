@@ -38,3 +38,17 @@ class LabelEmbedding(nn.Module):
         if y is None:
             y = torch.full((batch_size,), self.num_classes, device=self.embedding.weight.device)
         return self.embedding(y)
+
+
+class IntervalEmbedding(nn.Module):
+    """The interval of an average-velocity network (MeanFlow): ``(t, r)`` -> (B, dim), an embedding
+    of ``r - t`` (0 when ``r`` is None: the instantaneous velocity at t), added to the time
+    embedding. Networks build one only when asked (``interval=True``), so networks without it
+    keep their parameters and load their checkpoints as before."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embed = SinusoidalTimeEmbedding(dim)
+
+    def forward(self, t: Tensor, r: Tensor | None) -> Tensor:
+        return self.embed(torch.zeros_like(t) if r is None else r - t)
