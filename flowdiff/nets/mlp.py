@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiff.config import Recorded
-from flowdiff.nets.embeddings import IntervalEmbedding, LabelEmbedding, SinusoidalTimeEmbedding
+from flowdiff.nets.embeddings import LabelEmbedding, time_embeddings
 
 
 class MLP(Recorded, nn.Module):
@@ -26,6 +26,8 @@ class MLP(Recorded, nn.Module):
         interval: take a second time ``r`` (an embedding of ``r - t`` joins the time embedding):
             the network is an average velocity ``u(x, t, r)`` over [t, r] (MeanFlow); with
             ``r=None`` (or ``r = t``) it is the instantaneous velocity.
+        time_scale: times are scaled by it before the sinusoids; None: 1000, or 1 with
+            ``interval`` (:func:`flowdiff.nets.embeddings.time_embeddings` says why).
     """
 
     def __init__(
@@ -36,14 +38,14 @@ class MLP(Recorded, nn.Module):
         time_embed_dim: int = 64,
         num_classes: int | None = None,
         interval: bool = False,
+        time_scale: float | None = None,
     ):
         super().__init__()
         num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
         self.dim, self.num_classes = dim, num_classes
-        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.time_embed, self.interval_embed = time_embeddings(time_embed_dim, interval, time_scale)
         self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
         self.interval = interval
-        self.interval_embed = IntervalEmbedding(time_embed_dim) if interval else None
         self.input = nn.Linear(dim + time_embed_dim, hidden)
         layers: list[nn.Module] = []
         for _ in range(depth - 1):

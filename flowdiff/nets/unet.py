@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flowdiff.config import Recorded
-from flowdiff.nets.embeddings import IntervalEmbedding, LabelEmbedding, SinusoidalTimeEmbedding
+from flowdiff.nets.embeddings import LabelEmbedding, time_embeddings
 
 NORMS = ("group", "batch")
 
@@ -156,6 +156,7 @@ class UNet(Recorded, nn.Module):
         dropout: dropout probability inside the residual blocks.
         zero_init: start the residual branches and the output at zero.
         interval: take a second time ``r``: an average velocity ``u(x, t, r)`` (see ``MLP``).
+        time_scale: the time embedding's scale (None: 1000, or 1 with ``interval``).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class UNet(Recorded, nn.Module):
         dropout: float = 0.0,
         zero_init: bool = True,
         interval: bool = False,
+        time_scale: float | None = None,
     ):
         super().__init__()
         num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
@@ -191,10 +193,9 @@ class UNet(Recorded, nn.Module):
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         levels = len(channels)
 
-        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.time_embed, self.interval_embed = time_embeddings(time_embed_dim, interval, time_scale)
         self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
         self.interval = interval
-        self.interval_embed = IntervalEmbedding(time_embed_dim) if interval else None
 
         def stage(level: int) -> Stage:
             return Stage(
