@@ -3,6 +3,7 @@ time pairs, the guided velocity, the one-step sampler, the interval input of the
 short training run."""
 
 import functools
+import json
 import math
 
 import lightning as L
@@ -250,3 +251,26 @@ def test_a_short_training_run_samples_the_target_in_one_step():
     cfm = ConditionalFlowMatching().loss(model.net, sample, model.path)
     mf = MeanFlow(interval_fraction=0.0, power=0.0).loss(model.net, sample, model.path)
     torch.testing.assert_close(mf, cfm)
+
+
+def test_toy_meanflow_config_trains_and_evaluates_at_one_and_two_steps(tmp_path, run_cli):
+    root = tmp_path / "run"
+    code, _, err = run_cli("fit", "--config", "toy_meanflow.yaml", "--trainer.default_root_dir",
+                           root, "--trainer.logger", "false", "--model.net.init_args.hidden", "32",
+                           "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                           "--data.init_args.batch_size", "64", "--validation.num_samples",
+                           "50")  # fmt: skip
+    assert code == 0, err
+    ckpt = root / "checkpoints" / "last.ckpt"
+    code, stdout, err = run_cli("evaluate", "--ckpt", ckpt, "--sampler", "meanflow,euler",
+                                "--steps", "1,2", "--num-samples", "100", "--nll-samples", "50",
+                                "--nll-steps", "2", "--wandb", "false")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((root / "eval" / "seed0" / "metrics.json").read_text())
+    assert [(r["name"], r["nfe"]) for r in report["rows"]] == [
+        ("meanflow", 1), ("meanflow", 2), ("euler", 1), ("euler", 2)]  # fmt: skip
+    assert report["likelihood"] is not None and report["straightness"] is not None
+    code, stdout, err = run_cli("sample", "--ckpt", ckpt, "--num-samples", "20", "--out",
+                                tmp_path / "s")  # fmt: skip
+    assert code == 0, err
+    assert "MeanFlowSampler(steps=1" in stdout and "NFE 1)" in stdout

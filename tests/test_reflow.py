@@ -220,20 +220,32 @@ def test_init_from_starts_from_the_teachers_weights(teachers):
         other.init_weights(teacher.checkpoint, "teacher")
 
 
-def test_init_from_on_the_command_line(teachers, tmp_path, run_cli):
+def test_toy_reflow_config_trains_from_the_teacher_and_evaluates_in_one_step(
+    teachers, tmp_path, run_cli
+):
+    """The shipped toy_reflow.yaml (with the tiny teacher's network size), --init_from, and the
+    student's evaluate rows at 1 and 2 NFE."""
     out = run_reflow(teachers["plain"], tmp_path / "pairs.pt", "--steps", "2")
     root = tmp_path / "student"
-    common = ["fit", "--config", "toy.yaml", "--trainer.default_root_dir", root,
+    common = ["fit", "--config", "toy_reflow.yaml", "--trainer.default_root_dir", root,
               "--trainer.logger", "false", "--model.net.init_args.hidden", "32",
-              "--model.net.init_args.depth", "2", "--trainer.max_steps", "1",
-              "--trainer.limit_val_batches", "0", "--model.coupling", "stored",
-              "--data.class_path", "flowdiff.data.reflow.ReflowDataModule",
+              "--model.net.init_args.depth", "2", "--trainer.max_steps", "2",
+              "--trainer.val_check_interval", "2", "--validation.num_samples", "50",
               "--data.init_args.path", out]  # fmt: skip
     code, _, err = run_cli(*common, "--init_from", tmp_path / "nope.ckpt")
     assert code == 2 and "not found" in err and not root.exists()
+    code, _, err = run_cli(*common[:-2], "--init_from", teachers["plain"])
+    assert code == 2 and "data.path is required" in err
     code, _, err = run_cli(*common, "--init_from", teachers["plain"])
     assert code == 0, err
-    assert (root / "checkpoints" / "last.ckpt").exists()
+    ckpt = root / "checkpoints" / "last.ckpt"
+    code, stdout, err = run_cli("evaluate", "--ckpt", ckpt, "--steps", "1,2", "--num-samples",
+                                "100", "--nll", "false", "--wandb", "false", "--straightness",
+                                "false")  # fmt: skip
+    assert code == 0, err
+    assert "straightness" not in stdout
+    report = json.loads((root / "eval" / "seed0" / "metrics.json").read_text())
+    assert [r["nfe"] for r in report["rows"]] == [1, 2] and report["floor"]["w2"] > 0
 
 
 class ConstantSpeedField:
