@@ -118,7 +118,7 @@ class ModelField(Field):
     def average_velocity(self, x: Tensor, t: Tensor, r: Tensor) -> Tensor:
         """``u(x, t, r)``: the average velocity over [t, r] of an interval network (MeanFlow);
         a jump is ``x_r = x + (r - t) u``. Guidance combines the branches as for a velocity."""
-        if self.prediction != "velocity" or not getattr(self.net, "interval", False):
+        if self.prediction != "velocity" or not getattr(self.net, "interval", False):  # contract
             raise UsageError(
                 "this sampler needs an average-velocity network (trained with the MeanFlow "
                 "objective, model.net.init_args.interval true)"

@@ -117,6 +117,11 @@ class FlowModule(L.LightningModule):
         return bool(getattr(self.net, "num_classes", 0))
 
     @property
+    def interval(self) -> bool:
+        """Whether the network predicts average velocities over intervals (MeanFlow)."""
+        return bool(getattr(self.net, "interval", False))
+
+    @property
     def p_uncond(self) -> float:
         """The label dropout the network was trained with (0: it never learned the null label)."""
         return float(self.data_info.get("p_uncond", 0.0))

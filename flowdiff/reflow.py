@@ -28,7 +28,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from flowdiff.evaluate.sharding import chunk_generator, make_fabric
-from flowdiff.flags import check_guidance
+from flowdiff.flags import check_guidance, check_samplers
 from flowdiff.samplers import parse_grid, with_args
 from flowdiff.utils import UsageError, atomic_path
 
@@ -134,6 +134,7 @@ def reflow_main(argv: list[str]) -> Path | None:
     sampler = with_args(
         model.sampler, cfg.sampler, steps=cfg.steps, grid=grid, atol=atol, rtol=rtol
     )
+    check_samplers(model, [sampler])
     guidance = None if cfg.guidance is None else float(cfg.guidance)
     check_guidance(model, [guidance] if guidance is not None else None)
     if model.conditional and guidance is None:

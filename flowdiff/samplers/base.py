@@ -58,6 +58,7 @@ class Sampler(Recorded):
     """
 
     name: str = ""
+    needs_average_velocity: bool = False  # jumps along field.average_velocity (MeanFlow)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items() if v is not None)

@@ -22,6 +22,7 @@ class MeanFlowSampler(FixedGridSampler):
     """
 
     name = "meanflow"
+    needs_average_velocity = True
 
     def __init__(self, steps: int = 1, grid=None):
         super().__init__(steps, grid)
