@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,6 +116,25 @@ def check_parts(parts: Path, settings: dict, overwrite: bool) -> None:
     )
 
 
+def make_parts(parts: Path, settings: dict, overwrite: bool) -> None:
+    """``parts`` with the manifest of ``settings``, made at once (a folder renamed into place):
+    every rank (each runs this before the ranks connect) finds it whole, or makes it."""
+    check_parts(parts, settings, overwrite)
+    if parts.exists():
+        return
+    try:
+        parts.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{parts.name}.", dir=parts.parent))
+        (tmp / MANIFEST).write_text(json.dumps(settings, indent=2) + "\n")
+    except OSError as err:
+        raise UsageError(f"cannot write to {str(parts.parent)!r}: {err.strerror}") from err
+    try:
+        tmp.rename(parts)
+    except OSError:  # another rank made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_parts(parts, settings, overwrite=False)
+
+
 def reflow_main(argv: list[str]) -> Path | None:
     cfg = build_parser().parse_args(argv)
     cfg.num_pairs = int(cfg.num_pairs)  # plain numbers: they go into a weights_only file
@@ -154,20 +173,11 @@ def reflow_main(argv: list[str]) -> Path | None:
         "batch_size": int(batch_size),
     }
     parts = out.with_name(out.name + ".parts")
-    check_parts(parts, settings, cfg.overwrite)
-    try:
-        parts.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create {str(parts)!r}: {err.strerror}") from err
-    if not os.access(parts, os.W_OK | os.X_OK) or not os.access(out.parent, os.W_OK):
-        raise UsageError(f"cannot write to {str(out.parent)!r}: permission denied")
+    make_parts(parts, settings, cfg.overwrite)
 
     fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.num_nodes)
     fabric.launch()
     rank0 = fabric.global_rank == 0
-    if rank0 and not (parts / MANIFEST).exists():
-        with atomic_path(parts / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2) + "\n")
     model.to(fabric.device)
     chunks = math.ceil(cfg.num_pairs / batch_size)
     mine = range(fabric.global_rank, chunks, fabric.world_size)
