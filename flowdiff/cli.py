@@ -203,6 +203,7 @@ class FlowdiffCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, ValidationSamples):
                 callback.check(self.model, self.datamodule)
+        self.model.check_data(self.datamodule)  # before anything is written
         config = self.config.fit
         if config.init_from and config.ckpt_path is None:
             self.model.init_weights(read_checkpoint(config.init_from), config.init_from)

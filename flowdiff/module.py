@@ -131,17 +131,21 @@ class FlowModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         describe_data = getattr(datamodule, "describe", None)
+        self.check_data(datamodule)
+        if callable(describe_data):
+            self.data_info = describe_data()
+            if self.data_shape is None:
+                self.data_shape = list(self.data_info["data_shape"])
+                self._layout()
+
+    def check_data(self, datamodule) -> None:
+        """Refuse data this model cannot train on: the ``stored`` coupling needs stored noise."""
         if self.coupling.needs_stored and not getattr(datamodule, "stores_noise", False):
             raise UsageError(
                 "model.coupling stored needs data that stores the noise of each sample: "
                 "flowdiff reflow's output, with data.class_path "
                 "flowdiff.data.reflow.ReflowDataModule"
             )
-        if callable(describe_data):
-            self.data_info = describe_data()
-            if self.data_shape is None:
-                self.data_shape = list(self.data_info["data_shape"])
-                self._layout()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = dict(self.hparams)
