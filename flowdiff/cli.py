@@ -36,6 +36,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 EXTRA_SUBCOMMANDS = {
     "sample": "draw samples from a checkpoint",
     "evaluate": "metrics of a checkpoint over samplers, steps and guidance",
+    "reflow": "couplings (noise, sample) of a teacher, for rectified-flow training",
 }
 
 
@@ -101,6 +102,13 @@ class FlowdiffCLI(LightningCLI):
             default=False,
             help="Train into a run directory that already holds a run, deleting its checkpoints.",
         )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="Start from the network weights of this flowdiff checkpoint (e.g. the teacher "
+            "of a reflow); the optimizer starts afresh. --ckpt_path (resuming) takes precedence.",
+        )
         parser.add_lightning_class_args(EMA, "ema")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(ValidationSamples, "validation")
@@ -161,6 +169,8 @@ class FlowdiffCLI(LightningCLI):
             every = config.trainer.log_every_n_steps
             if every is not None and every < 1:
                 raise UsageError(f"trainer.log_every_n_steps must be positive, got {every}")
+            if config.init_from:
+                read_checkpoint(config.init_from)  # one clear line now, not after the setup
             check_run_dir(config.trainer.default_root_dir, config.ckpt_path, config.overwrite)
             check_writable(config.trainer.default_root_dir)
 
@@ -198,7 +208,10 @@ class FlowdiffCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, ValidationSamples):
                 callback.check(self.model, self.datamodule)
+        self.model.check_data(self.datamodule)  # before anything is written
         config = self.config.fit
+        if config.init_from and config.ckpt_path is None:
+            self.model.init_weights(read_checkpoint(config.init_from), config.init_from)
         if config.overwrite and config.ckpt_path is None and self.trainer.is_global_zero:
             clear_run_dir(config.trainer.default_root_dir)
 
@@ -262,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
             from flowdiff.evaluate.command import evaluate_main
 
             evaluate_main(argv[1:])
+        elif argv and argv[0] == "reflow":
+            from flowdiff.reflow import reflow_main
+
+            reflow_main(argv[1:])
         else:
             FlowdiffCLI(args=argv)
     except (UsageError, ArgumentError, MisconfigurationException) as err:

@@ -12,8 +12,12 @@ less, the learned field straighter, and few-step sampling more accurate.
 The plan is computed per batch and, under DDP, per rank: each rank couples its own batch, nothing
 is gathered. Labelled batches are coupled within each label (:meth:`Coupling.__call__`).
 
-Choose one by its alias (:data:`COUPLINGS`: ``independent``, ``ot``, ``ot-sinkhorn``), its class
-name, or a ``class_path`` with ``init_args`` in YAML.
+The ``stored`` coupling pairs each data point with the noise the data holds for it: the couplings
+``(x_0, x_1)`` of a teacher's ODE that ``flowdiff reflow`` writes (rectified flow, Liu et al. 2022,
+"Flow Straight and Fast"); the other couplings draw fresh noise and ignore stored noise.
+
+Choose one by its alias (:data:`COUPLINGS`: ``independent``, ``ot``, ``ot-sinkhorn``, ``stored``),
+its class name, or a ``class_path`` with ``init_args`` in YAML.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Coupling(Recorded):
     """
 
     name: str = ""
+    needs_stored: bool = False  # whether it takes x_0 from the data (the datamodule must store it)
 
     def __call__(
         self,
@@ -50,8 +55,11 @@ class Coupling(Recorded):
         x_1: Tensor,
         labels: Tensor | None = None,
         generator: torch.Generator | None = None,
+        stored: Tensor | None = None,
     ) -> Tensor:
         """The noise ``x_0[index]`` such that row j pairs with ``x_1[j]``. x_0, x_1: (B, *D).
+        ``stored`` (B, *D): the noise the data holds, if any; only :class:`StoredCoupling`
+        uses it.
 
         With ``labels`` (B,), noise is paired with data of one label only, group by group: a
         sample never takes noise the coupling gave another class. The module passes the labels
@@ -79,7 +87,7 @@ class IndependentCoupling(Coupling):
 
     name = "independent"
 
-    def __call__(self, x_0, x_1, labels=None, generator=None) -> Tensor:
+    def __call__(self, x_0, x_1, labels=None, generator=None, stored=None) -> Tensor:
         return x_0
 
     def pairing(self, x_0, x_1, generator=None) -> Tensor:
@@ -156,8 +164,26 @@ class SinkhornCoupling(Coupling):
         return self.draw(self.plan(x_0, x_1), generator)
 
 
+class StoredCoupling(Coupling):
+    """``(x_0, x_1)`` as the data stores them: ``x_0`` is the noise a teacher's ODE carried to
+    ``x_1`` (:class:`flowdiff.data.reflow.ReflowDataModule`); training on them is the k-rectified
+    flow. Data without stored noise is refused."""
+
+    name = "stored"
+    needs_stored = True
+
+    def __call__(self, x_0, x_1, labels=None, generator=None, stored=None) -> Tensor:
+        if stored is None:
+            raise UsageError(
+                "model.coupling stored needs data that stores the noise of each sample "
+                "(flowdiff reflow's output with flowdiff.data.reflow.ReflowDataModule)"
+            )
+        return stored.to(x_1)
+
+
 COUPLINGS: dict[str, type[Coupling]] = {
-    cls.name: cls for cls in (IndependentCoupling, ExactOTCoupling, SinkhornCoupling)
+    cls.name: cls
+    for cls in (IndependentCoupling, ExactOTCoupling, SinkhornCoupling, StoredCoupling)
 }
 
 

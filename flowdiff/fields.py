@@ -28,6 +28,11 @@ class Field:
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         return self.velocity_and_score(x, t)[1]
 
+    def average_velocity(self, x: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        """``(x_r - x) / (r - t)`` along the field's ODE through ``x`` at t (MeanFlow's ``u``).
+        Only fields of an average-velocity network have it."""
+        raise UsageError(f"{type(self).__name__} has no average velocity")
+
 
 def guide(out_null: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
     """Classifier-free guidance: ``(1 - w) out(x|null) + w out(x|y)``."""
@@ -82,28 +87,43 @@ class ModelField(Field):
         if guidance_interval is not None:
             self.guidance_interval = check_interval(guidance_interval)
 
-    def output(self, x: Tensor, t: Tensor) -> Tensor:
-        """The (guided) network prediction at ``(x, t)``."""
+    def output(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
+        """The (guided) network prediction at ``(x, t)`` (over [t, r] with ``r``: MeanFlow)."""
         t = as_time(t, x)
+
+        def net(x, t, y, r):
+            return self.net(x, t, y) if r is None else self.net(x, t, y, r=r)
+
         if self.y is None or self.guidance is None or self.guidance == 1.0:
-            return self.net(x, t, self.y)
+            return net(x, t, self.y, r)
         inside = None
         if self.guidance_interval is not None:
             a, b = self.guidance_interval
             inside = (t >= a) & (t <= b)
             if not inside.any():  # w = 1 here: the conditional branch alone
-                return self.net(x, t, self.y)
+                return net(x, t, self.y, r)
             if inside.all():
                 inside = None
         null = torch.full_like(self.y, self.null_label)
         if self.guidance == 0.0 and inside is None:  # the unconditional field alone: one forward
-            return self.net(x, t, null)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, self.y]))
+            return net(x, t, null, r)
+        r2 = torch.cat([r, r]) if r is not None else None
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, self.y]), r2)
         out_null, out_cond = out.chunk(2)
         guided = guide(out_null, out_cond, self.guidance)
         if inside is None:
             return guided
         return torch.where(expand_like(inside, x), guided, out_cond)  # times differ in the batch
+
+    def average_velocity(self, x: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        """``u(x, t, r)``: the average velocity over [t, r] of an interval network (MeanFlow);
+        a jump is ``x_r = x + (r - t) u``. Guidance combines the branches as for a velocity."""
+        if self.prediction != "velocity" or not getattr(self.net, "interval", False):  # contract
+            raise UsageError(
+                "this sampler needs an average-velocity network (trained with the MeanFlow "
+                "objective, model.net.init_args.interval true)"
+            )
+        return self.output(x, t, as_time(r, x))
 
     def velocity_and_score(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         t = as_time(t, x)

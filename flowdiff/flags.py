@@ -47,6 +47,17 @@ def check_guidance(model, scales: list[float] | None, labels: list[int] | None =
         raise UsageError(f"labels {bad} are outside the model's classes 0..{k - 1}")
 
 
+def check_samplers(model, samplers: list) -> None:
+    """Refuse a sampler that needs an average velocity (``meanflow``) for a model without one."""
+    for sampler in samplers:
+        if sampler.needs_average_velocity and not model.interval:
+            raise UsageError(
+                f"sampler {sampler.short_name!r} needs an average-velocity model (trained with "
+                "the MeanFlow objective and model.net.init_args.interval true); this model "
+                "predicts a velocity only: use euler, heun, ..."
+            )
+
+
 def resolve_labels(values: list[str] | None, class_names: list[str] | None) -> list[int] | None:
     """``--labels`` given as class names (``cat,dog``) or indices (``0,3``), as indices."""
     if values is None:

@@ -45,7 +45,8 @@ class FlowModule(L.LightningModule):
         coupling: how training pairs noise with data (:mod:`flowdiff.couplings`):
             ``independent`` (the default), ``ot`` (exact minibatch optimal transport) or
             ``ot-sinkhorn`` (entropic), within each label for a conditional network; per batch,
-            so per rank under DDP.
+            so per rank under DDP; ``stored``: the noise each data point was stored with (the
+            couplings of ``flowdiff reflow``, :class:`flowdiff.data.reflow.ReflowDataModule`).
         data_shape: shape of one sample, e.g. ``[2]``; from the datamodule when not given.
         num_classes: number of labels in the data (0: unlabelled); from the datamodule too.
         compile: train the network compiled with ``torch.compile`` (the module's forward is
@@ -64,7 +65,7 @@ class FlowModule(L.LightningModule):
         sampler: Sampler | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_schedule: Literal["constant", "cosine"] = "constant",
-        coupling: Literal["independent", "ot", "ot-sinkhorn"] | Coupling = "independent",
+        coupling: Literal["independent", "ot", "ot-sinkhorn", "stored"] | Coupling = "independent",
         data_shape: list[int] | None = None,
         num_classes: int = 0,
         compile: bool = False,
@@ -100,6 +101,7 @@ class FlowModule(L.LightningModule):
                     f"model.path.init_args.t_max must be < 1 for a {objective.prediction} "
                     f"prediction (beta_1 = 0), got t_max={path.t_max}; try 0.999"
                 )
+        objective.check(net, path)
         self.net, self.path, self.objective = net, path, objective
         self.sampler = sampler if sampler is not None else EulerSampler(100)
         self.lr_schedule = lr_schedule
@@ -124,6 +126,11 @@ class FlowModule(L.LightningModule):
         return bool(getattr(self.net, "num_classes", 0))
 
     @property
+    def interval(self) -> bool:
+        """Whether the network predicts average velocities over intervals (MeanFlow)."""
+        return bool(getattr(self.net, "interval", False))
+
+    @property
     def p_uncond(self) -> float:
         """The label dropout the network was trained with (0: it never learned the null label)."""
         return float(self.data_info.get("p_uncond", 0.0))
@@ -133,11 +140,21 @@ class FlowModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         describe_data = getattr(datamodule, "describe", None)
+        self.check_data(datamodule)
         if callable(describe_data):
             self.data_info = describe_data()
             if self.data_shape is None:
                 self.data_shape = list(self.data_info["data_shape"])
                 self._layout()
+
+    def check_data(self, datamodule) -> None:
+        """Refuse data this model cannot train on: the ``stored`` coupling needs stored noise."""
+        if self.coupling.needs_stored and not getattr(datamodule, "stores_noise", False):
+            raise UsageError(
+                "model.coupling stored needs data that stores the noise of each sample: "
+                "flowdiff reflow's output, with data.class_path "
+                "flowdiff.data.reflow.ReflowDataModule"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = dict(self.hparams)
@@ -153,6 +170,18 @@ class FlowModule(L.LightningModule):
         if self.data_shape is None and self.data_info.get("data_shape") is not None:
             self.data_shape = list(self.data_info["data_shape"])
             self._layout()
+
+    def init_weights(self, checkpoint: dict, name: str = "the checkpoint") -> None:
+        """Start from the network weights of a flowdiff ``checkpoint`` (its EMA weights when it
+        kept them: they are its ``state_dict``); a network of another shape is a UsageError."""
+        state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise UsageError(
+                f"--init_from {name}: its network does not fit this one ({' '.join(first[:2])})"
+            ) from err
 
     # -- training -------------------------------------------------------------------------------
 
@@ -174,30 +203,37 @@ class FlowModule(L.LightningModule):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self.net(x, t, y)
 
-    def loss(self, z: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The objective's mean over a batch of data ``z`` with labels ``y``."""
+    def loss(
+        self,
+        z: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        x_0: Tensor | None = None,
+    ) -> Tensor:
+        """The objective's mean over a batch of data ``z`` with labels ``y`` (and the noise
+        ``x_0`` the data stored with it, which the ``stored`` coupling uses)."""
         if z.ndim == 4:
             z = z.contiguous(memory_format=torch.channels_last)
+        y = y if self.conditional else None
         t = self.path.sample_time(z.shape[0], z.device, z.dtype, generator)
         eps = torch.empty_like(z).normal_(generator=generator)  # keeps z's memory format
-        eps = self.coupling(eps, z, y if self.conditional else None, generator)  # x_0 for z
+        eps = self.coupling(eps, z, y, generator, stored=x_0)  # x_0 for z
         sample = self.path.sample(z, t, eps)
-        output = self.net(sample.x_t, t, y if self.conditional else None)
-        return self.objective(output, sample, self.path).mean()
+        return self.objective.loss(self.net, sample, self.path, y, generator).mean()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(*batch)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        loss = self.loss(*batch[:2], x_0=batch[2] if len(batch) > 2 else None)
         # Logged at Lightning's logging interval only: every self.log moves the logged results
         # to the device again, ~1.5 ms a step here (toy: 15% of a step; MNIST: 0.3%).
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        z, y = batch
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        z, y = batch[:2]
         # A fixed generator: the validation loss is comparable from one epoch to the next.
         generator = torch.Generator(z.device).manual_seed(0)
-        loss = self.loss(z, y, generator)
+        loss = self.loss(z, y, generator, x_0=batch[2] if len(batch) > 2 else None)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)  # mean over ranks
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -231,6 +267,12 @@ class FlowModule(L.LightningModule):
         net = self.inference if self.inference is not None else self.net
         return ModelField(net, self.path, prediction, y, guidance, null, guidance_interval)
 
+    def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """``x_0 ~ N(0, I)`` (num_samples, *data_shape), drawn on the CPU (the same numbers
+        whatever the device) and moved to the model's device."""
+        x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
+        return x_0.to(self.device, self.dtype)
+
     @torch.no_grad()
     def sample(
         self,
@@ -243,8 +285,10 @@ class FlowModule(L.LightningModule):
         batch_size: int | None = None,
         progress: bool = False,
         guidance_interval: tuple[float, float] | None = None,
+        x_0: Tensor | None = None,
     ) -> SampleResult:
-        """Integrate from ``x_0 ~ N(0, I)`` at ``t_min`` to t = 1 with ``sampler``.
+        """Integrate from ``x_0 ~ N(0, I)`` (:meth:`noise`, or the ``x_0`` given) at ``t_min`` to
+        t = 1 with ``sampler``.
 
         ``batch_size`` splits the work into chunks (the noise is drawn at once, so the samples do
         not depend on it): a CPU runs a small U-Net ~2x faster on batches of ~250 images than on
@@ -253,8 +297,7 @@ class FlowModule(L.LightningModule):
         used (an adaptive solver may use different counts).
         """
         sampler = sampler or self.sampler
-        x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
-        x_0 = x_0.to(self.device, self.dtype)
+        x_0 = self.noise(num_samples, generator) if x_0 is None else x_0.to(self.device, self.dtype)
         if x_0.ndim == 4:
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
         size = batch_size or num_samples

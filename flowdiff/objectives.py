@@ -1,15 +1,18 @@
 """Training objectives: small callables ``objective(output, sample, path) -> per-sample loss``.
 
-Both regress the network output on a target built from the same path sample; they differ only in
-what the network predicts (and so in the target). The loss is the mean over the data dimensions,
-so its scale does not depend on the image size.
+CFM and CSM regress the network output on a target built from the same path sample; they differ
+only in what the network predicts (and so in the target). The loss is the mean over the data
+dimensions, so its scale does not depend on the image size. :meth:`Objective.loss` is what the
+module calls: one forward of the network and the callable; an objective that needs more of the
+network than one output (MeanFlow's Jacobian-vector product, :mod:`flowdiff.meanflow`) overrides it.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from flowdiff.config import Recorded
 from flowdiff.paths import GaussianConditionalPath, PathSample, Prediction
@@ -25,6 +28,20 @@ class Objective(Recorded):
         """Per-sample loss ``mean_D (output - target)^2``. output: (B, *D). Returns (B,)."""
         target = path.target(sample, self.prediction)
         return (output - target).square().flatten(1).mean(1)
+
+    def check(self, net: nn.Module, path: GaussianConditionalPath) -> None:
+        """Refuse a network or path this objective cannot train (a UsageError); nothing here."""
+
+    def loss(
+        self,
+        net: nn.Module,
+        sample: PathSample,
+        path: GaussianConditionalPath,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The per-sample loss (B,) of ``net`` at ``sample`` (labels ``y``, or None)."""
+        return self(net(sample.x_t, sample.t, y), sample, path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prediction={self.prediction!r})"

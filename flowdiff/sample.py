@@ -14,6 +14,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from flowdiff.flags import (
     check_guidance,
     check_interval_use,
+    check_samplers,
     comma_lists,
     parse_intervals,
     plain,
@@ -142,6 +143,7 @@ def sample_main(argv: list[str]) -> Path:
         model.sampler, cfg.sampler, steps=cfg.steps, sigma=cfg.sigma,
         sigma_schedule=cfg.sigma_schedule, grid=grid, atol=atol, rtol=rtol,
     )  # fmt: skip
+    check_samplers(model, [sampler])
     if run.datamodule is None:
         raise UsageError(f"{str(ckpt_path)!r} records no datamodule (nothing says what to draw)")
     evaluator = run.datamodule.evaluator()

@@ -241,6 +241,23 @@ CASES = [
     ("pairs-kind", PAIRS + " --data.init_args.path {badyaml}", ["expected a .pt, .npz, .npy"]),
     ("sample-unknown-class-name", "sample --ckpt {mnist} --out {out} --labels cat --guidance 1",
      ["'cat' is not a class of this model"]),
+    # few-step generation: reflow, MeanFlow, --init_from (more in test_reflow.py)
+    ("sample-meanflow-velocity-model", SAMPLE + " --sampler meanflow", ["average-velocity"]),
+    ("eval-meanflow-velocity-model", EVAL + " --sampler euler,meanflow --steps 1",
+     ["average-velocity"]),
+    ("fit-meanflow-without-interval", "fit --config toy_meanflow.yaml --trainer.default_root_dir "
+     "{run} --trainer.logger false --model.net.init_args.interval false", ["interval true"]),
+    ("fit-stored-coupling-without-pairs", FIT + " --model.coupling stored",
+     ["coupling stored", "ReflowDataModule"]),
+    ("fit-init-from-missing", FIT + " --init_from {tmp}/nope.ckpt", ["nope.ckpt", "not found"]),
+    ("fit-init-from-foreign", FIT + " --init_from {foreign}", ["not a self-describing"]),
+    ("reflow-missing-ckpt", "reflow --ckpt {tmp}/nope.ckpt --num-pairs 10 --out {out}/p.pt",
+     ["not found"]),
+    ("reflow-zero-pairs", "reflow --ckpt {toy} --num-pairs 0 --out {out}/p.pt", ["num_pairs"]),
+    ("reflow-existing-out", "reflow --ckpt {toy} --num-pairs 10 --out {existing}/samples.pt",
+     ["exists", "--overwrite"]),
+    ("reflow-meanflow-sampler", "reflow --ckpt {toy} --num-pairs 10 --out {out}/p.pt --sampler "
+     "meanflow", ["average-velocity"]),
 ]  # fmt: skip
 
 

@@ -169,3 +169,34 @@ def test_ddp_overwrite_replaces_the_run_once(tmp_path):
     result = fit_ddp(root, tmp_path / "probe2")
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (root / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_reflow_on_two_ranks_writes_the_pairs_of_one(tmp_path):
+    """``flowdiff reflow --devices 2``: each rank draws its chunks into OUT.parts/, rank 0 joins
+    them; the file holds the same pairs as one rank's, bit for bit."""
+    from flowdiff.module import FlowModule
+    from flowdiff.nets.mlp import MLP
+    from flowdiff.objectives import ConditionalFlowMatching
+    from flowdiff.paths import GaussianConditionalPath
+    from flowdiff.samplers import EulerSampler
+
+    model = FlowModule(MLP(hidden=16, depth=2), GaussianConditionalPath(),
+                       ConditionalFlowMatching(), EulerSampler(3))  # fmt: skip
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, ToyDataModule("moons", batch_size=16, batches_per_epoch=1))
+    ckpt = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(ckpt)
+    flowdiff = Path(sys.executable).parent / "flowdiff"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pairs = []
+    for devices in ("1", "2"):
+        out = tmp_path / f"pairs{devices}.pt"
+        cmd = [str(flowdiff), "reflow", "--ckpt", str(ckpt), "--num-pairs", "250",
+               "--batch-size", "100", "--out", str(out), "--devices", devices]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert not (tmp_path / f"pairs{devices}.pt.parts").exists()
+        pairs.append(torch.load(out, weights_only=True))
+    for key in ("x", "x_0"):
+        assert torch.equal(pairs[0][key], pairs[1][key])

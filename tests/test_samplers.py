@@ -28,7 +28,11 @@ from flowdiff.utils import UsageError
 
 NAMES = sorted(SCHEDULES)
 DTYPE = torch.float64
-FIXED_GRID = sorted(n for n, cls in SAMPLERS.items() if issubclass(cls, FixedGridSampler))
+# The ODE and SDE solvers of a velocity field; meanflow jumps along an average velocity (its tests:
+# test_meanflow.py).
+FIXED_GRID = sorted(
+    n for n, cls in SAMPLERS.items() if issubclass(cls, FixedGridSampler) and n != "meanflow"
+)
 
 
 # A 2D mixture with distinct weights, means and stds, well separated.
@@ -299,7 +303,9 @@ def test_euler_step_on_image_shapes_matches_points():
 
 
 def test_registry():
-    assert set(SAMPLERS) == {"euler", "heun", "midpoint", "rk4", "euler-maruyama", "dopri5"}
+    assert set(SAMPLERS) == {
+        "euler", "heun", "midpoint", "rk4", "euler-maruyama", "dopri5", "meanflow"
+    }  # fmt: skip
     assert FIXED_GRID == ["euler", "euler-maruyama", "heun", "midpoint", "rk4"]
     for name, cls in SAMPLERS.items():
         assert issubclass(cls, Sampler) and cls.name == name

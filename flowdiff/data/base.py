@@ -31,7 +31,9 @@ class FlowDataModule(L.LightningDataModule):
 
     - ``data_shape``: the shape of one sample, e.g. ``(2,)`` or ``(1, 28, 28)``;
     - ``num_classes``: the number of labels (0: unlabelled); ``class_names`` optionally;
-    - ``p_uncond``: the label-dropout probability for classifier-free guidance.
+    - ``p_uncond``: the label-dropout probability for classifier-free guidance;
+    - ``stores_noise``: True when batches are ``(x, y, x_0)``, each sample with the noise it is
+      paired with (reflow couplings, the ``stored`` coupling).
 
     and implements :meth:`reference` (held-out data, for the floor of the metrics) and
     :meth:`evaluator` (the metric suite that fits the data). Label dropout is applied here, once,
@@ -42,6 +44,7 @@ class FlowDataModule(L.LightningDataModule):
     num_classes: int = 0
     class_names: list[str] | None = None
     p_uncond: float = 0.0
+    stores_noise: bool = False  # batches are (x, y, x_0): the noise stored with each sample
     recorded: dict | None = None  # what a checkpoint recorded of this data (describe()), if any
 
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -74,8 +77,8 @@ class FlowDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training and self.p_uncond > 0:
-            x, y = batch
-            return x, self.label_dropout(y)
+            x, y, *stored = batch
+            return x, self.label_dropout(y), *stored
         return batch
 
     @functools.cached_property

@@ -30,6 +30,9 @@ class Batches(IterableDataset):
     and takes every ``world_size``-th row from ``rank`` on. The ranks see disjoint rows (but for
     the padding) and the same number of batches. Lightning adds no distributed sampler to an
     iterable dataset, so without this every rank would train on the same batches.
+
+    With ``noise`` (N, ...) float, each batch is ``(x, y, noise)``: the noise stored with each
+    row (reflow couplings), sliced by the same rows (``flip`` must then be off).
     """
 
     def __init__(
@@ -43,11 +46,13 @@ class Batches(IterableDataset):
         rows: Tensor | None = None,
         flip: bool = False,
         convert: Callable[[Tensor], Tensor] = pixels_to_float,
+        noise: Tensor | None = None,
     ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.generator = generator
         self.rank, self.world_size = rank, world_size
         self.rows, self.flip, self.convert = rows, flip, convert
+        self.noise = noise
 
     def _count(self) -> int:
         return len(self.labels) if self.rows is None else len(self.rows)
@@ -58,7 +63,7 @@ class Batches(IterableDataset):
     def __len__(self) -> int:
         return -(-self._rows() // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         n = self._count()
         order = None if self.generator is None else torch.randperm(n, generator=self.generator)
         if self.world_size > 1:
@@ -70,13 +75,16 @@ class Batches(IterableDataset):
             order = self.rows if order is None else self.rows[order]
         for start in range(0, n, self.batch_size):
             stop = start + self.batch_size
+            rows = torch.arange(start, min(stop, n)) if order is None else order[start:stop]
             if order is None:
                 x, y = self.images[start:stop], self.labels[start:stop]
             else:
-                rows = order[start:stop]
                 x, y = self.images.index_select(0, rows), self.labels.index_select(0, rows)
             x = self.convert(x)
             if self.flip and self.generator is not None:
                 mirror = torch.rand(len(x), generator=self.generator) < 0.5
                 x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-            yield x, y
+            if self.noise is not None:
+                yield x, y, self.noise.index_select(0, rows).float()
+            else:
+                yield x, y

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from flowdiff.flags import check_guidance, check_interval_use, parse_intervals
+from flowdiff.flags import check_guidance, check_interval_use, check_samplers, parse_intervals
 from flowdiff.samplers import FixedGridSampler, Sampler, parse_grid, sampler_class, with_args
 from flowdiff.utils import UsageError
 
@@ -73,6 +73,7 @@ def make_plan(cfg, model, evaluator, run_dir: Path) -> Plan:
     /``--rtol`` overriding it), the guidance scales and intervals, the counts and the output; each
     problem is a UsageError now."""
     samplers = make_samplers(cfg, model)
+    check_samplers(model, samplers)
     intervals = parse_intervals(cfg.guidance_interval)
     if cfg.guidance is not None:
         check_guidance(model, cfg.guidance)

@@ -75,6 +75,7 @@ class Report:
     rows: list[Row]
     floor: dict
     likelihood: dict | None
+    straightness: dict | None = None
 
     @property
     def primary(self) -> Column:
@@ -109,6 +110,8 @@ class Report:
         lines += ["", fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
         if self.likelihood:
             lines += ["", f"likelihood: {self.likelihood['summary']}"]
+        if self.straightness:
+            lines += [f"straightness: {self.straightness['summary']}"]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -117,6 +120,7 @@ class Report:
             "rows": [asdict(r) for r in self.rows],
             "floor": self.floor,
             "likelihood": self.likelihood,
+            "straightness": self.straightness,
         }
 
     @classmethod
@@ -260,7 +264,11 @@ class Report:
         for name in ("quality_vs_nfe", "quality_vs_guidance") if self.columns else ():
             logged[f"evaluate/{name}"] = wandb.Image(str(out / f"{name}.png"))
         run.log(logged)
-        for prefix, values in (("floor", self.floor), ("likelihood", self.likelihood or {})):
+        for prefix, values in (
+            ("floor", self.floor),
+            ("likelihood", self.likelihood or {}),
+            ("straightness", self.straightness or {}),
+        ):
             run.summary.update({f"{prefix}/{k}": v for k, v in values.items() if _scalar(v)})
         run_dir = os.path.dirname(run.dir.rstrip("/")) if run.dir else None
         run.finish()

@@ -27,6 +27,12 @@ class Network(Protocol):
       the data, and ``num_classes`` when the config leaves it ``None`` (write ``0`` for an
       unconditional network on labelled data). In plain Python the caller passes them.
 
+    - Optionally, an average-velocity network (MeanFlow, ``flowdiff.objectives.MeanFlow``) sets
+      ``interval = True`` and takes a second time: ``forward(x, t, y=None, r=None)`` is the
+      average velocity ``u(x, t, r) = (x_r - x_t) / (r - t)`` of the flow through ``x`` at t
+      (``r=None``: the instantaneous velocity ``u(x, t, t)``). Networks without the attribute
+      take no ``r``.
+
     Subclass :class:`flowdiff.config.Recorded` too (``class Net(Recorded, nn.Module)``) for a
     model built in plain Python to write a self-describing checkpoint; under the CLI the config
     describes it already.

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from flowdiff.config import Recorded
-from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+from flowdiff.nets.embeddings import LabelEmbedding, time_embeddings
 
 NORMS = ("group", "batch")
 
@@ -155,6 +155,8 @@ class UNet(Recorded, nn.Module):
         norm_groups: groups of GroupNorm; must divide every entry of ``channels``.
         dropout: dropout probability inside the residual blocks.
         zero_init: start the residual branches and the output at zero.
+        interval: take a second time ``r``: an average velocity ``u(x, t, r)`` (see ``MLP``).
+        time_scale: the time embedding's scale (None: 1000, or 1 with ``interval``).
     """
 
     def __init__(
@@ -170,6 +172,8 @@ class UNet(Recorded, nn.Module):
         norm_groups: int = 8,
         dropout: float = 0.0,
         zero_init: bool = True,
+        interval: bool = False,
+        time_scale: float | None = None,
     ):
         super().__init__()
         num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
@@ -189,8 +193,9 @@ class UNet(Recorded, nn.Module):
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         levels = len(channels)
 
-        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.time_embed, self.interval_embed = time_embeddings(time_embed_dim, interval, time_scale)
         self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
+        self.interval = interval
 
         def stage(level: int) -> Stage:
             return Stage(
@@ -233,14 +238,17 @@ class UNet(Recorded, nn.Module):
             nn.init.zeros_(self.output[-1].weight)
             nn.init.zeros_(self.output[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes] or None (null).
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None):
+        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes] or None (null);
+        r: (B,) the interval's other end (``interval=True``).
 
         Returns (B, C, H, W).
         """
         emb = self.time_embed(t)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y, x.shape[0])
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(t, r)
         # Every block's projection starts with a SiLU: apply it once here.
         emb = F.silu(emb)
 

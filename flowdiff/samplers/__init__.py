@@ -3,8 +3,9 @@
 ``sampler.sample(field, x_0, t_0, t_1) -> SampleResult(x, trajectory, nfe)`` (:mod:`.base`).
 Fixed-grid solvers are one family (:mod:`.ode`, :mod:`.sde`, time grids in :mod:`.grids`); the
 adaptive ``dopri5`` (:mod:`.adaptive`) implements :meth:`Sampler.solve` the same way and its NFE
-is counted alike. Every ODE solver integrates tuple states too (:class:`ODEIntegrator`), which is
-what the likelihood needs.
+is counted alike; ``meanflow`` (:mod:`.meanflow`) jumps along an average-velocity model.
+Every ODE solver integrates tuple states too (:class:`ODEIntegrator`), which is what the
+likelihood needs.
 Choose one in YAML by ``class_path`` (``flowdiff.samplers.HeunSampler``), by class name
 (``HeunSampler``) or by its short alias (``heun``: :data:`SAMPLERS`).
 """
@@ -21,6 +22,7 @@ from flowdiff.samplers.grids import (
     UniformGrid,
     parse_grid,
 )
+from flowdiff.samplers.meanflow import MeanFlowSampler
 from flowdiff.samplers.ode import (
     EulerSampler,
     FixedGridSampler,
@@ -36,7 +38,8 @@ from flowdiff.utils import UsageError
 SAMPLERS: dict[str, type[Sampler]] = {
     cls.name: cls
     for cls in (
-        EulerSampler, HeunSampler, MidpointSampler, RK4Sampler, EulerMaruyamaSampler, Dopri5Sampler
+        EulerSampler, HeunSampler, MidpointSampler, RK4Sampler, EulerMaruyamaSampler, Dopri5Sampler,
+        MeanFlowSampler,
     )
 }  # fmt: skip
 
@@ -89,6 +92,7 @@ __all__ = [
     "EulerMaruyamaSampler",
     "EulerSampler",
     "FixedGridSampler",
+    "MeanFlowSampler",
     "HeunSampler",
     "MidpointSampler",
     "ODEIntegrator",

@@ -45,6 +45,10 @@ class CountingField(Field):
         self.nfe += 1
         return self.field.velocity_and_score(x, t)
 
+    def average_velocity(self, x: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.field.average_velocity(x, t, r)
+
 
 class Sampler(Recorded):
     """Base class of every sampler. Subclasses implement :meth:`solve`.
@@ -54,6 +58,7 @@ class Sampler(Recorded):
     """
 
     name: str = ""
+    needs_average_velocity: bool = False  # jumps along field.average_velocity (MeanFlow)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items() if v is not None)
