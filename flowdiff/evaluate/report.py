@@ -222,7 +222,7 @@ class Report:
                         ax.plot(xs, ys, style, marker="o", ms=3, c=colour, label=label)
                 if self.floor.get(column.key) is not None:
                     floor = self.floor[column.key] * column.scale
-                    ax.axhline(floor, ls="--", c="grey", label="data floor")
+                    ax.axhline(floor, lw=3, c="grey", alpha=0.5, label="data floor")
                 if name == "quality_vs_nfe":
                     ax.set_xscale("log")
                 ax.set(xlabel=x_label, ylabel=column.header)
