@@ -111,6 +111,8 @@ def test_guided_sampling_of_a_conditional_model(toy_runs, tmp_path, run_cli):
         40,
         "--steps",
         5,
+        "--sampler",
+        "euler",
         "--out",
         out,
     )
@@ -160,7 +162,8 @@ def test_sample_with_a_guidance_interval(toy_runs, tmp_path, run_cli):
     ckpt = toy_runs["toy_cfg"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "out"
     code, _, err = run_cli("sample", "--ckpt", ckpt, "--guidance", "3", "--labels", "2,5",
-                           "--per-class", 40, "--steps", 5, "--guidance-interval", "0.3,0.7",
+                           "--per-class", 40, "--steps", 5, "--sampler", "euler",
+                           "--guidance-interval", "0.3,0.7",
                            "--out", out)  # fmt: skip
     assert code == 0, err
     saved = torch.load(out / "samples.pt", weights_only=True)
