@@ -57,14 +57,17 @@ class InferenceNetwork:
             raise UsageError(f"precision {precision!r}: expected one of {list(AUTOCAST_DTYPES)}")
         self.net, self.precision, self.compiled = net, precision, compile
         self.num_classes = getattr(net, "num_classes", 0)
+        self.interval = getattr(net, "interval", False)  # an average-velocity network (MeanFlow)
         self._dtype = AUTOCAST_DTYPES[precision]
         self._forward = torch.compile(net) if compile else net
         self.compile_seconds: float | None = None
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None
+    ) -> Tensor:
         start = time.perf_counter() if self.compiled and self.compile_seconds is None else None
         with torch.autocast(x.device.type, dtype=self._dtype, enabled=self._dtype is not None):
-            out = self._forward(x, t, y)
+            out = self._forward(x, t, y) if r is None else self._forward(x, t, y, r)
         if start is not None:
             self.compile_seconds = time.perf_counter() - start
             print(f"flowdiff: network compiled in {self.compile_seconds:.1f} s (its first call)")

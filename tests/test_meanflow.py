@@ -273,4 +273,4 @@ def test_toy_meanflow_config_trains_and_evaluates_at_one_and_two_steps(tmp_path,
     code, stdout, err = run_cli("sample", "--ckpt", ckpt, "--num-samples", "20", "--out",
                                 tmp_path / "s")  # fmt: skip
     assert code == 0, err
-    assert "MeanFlowSampler(steps=1" in stdout and "NFE 1)" in stdout
+    assert "MeanFlowSampler(steps=1" in stdout and "NFE 1;" in stdout
