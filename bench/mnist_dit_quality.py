@@ -4,7 +4,7 @@ Each config trains as shipped in its own `flowdiff fit` process with one intra-o
 (OMP_NUM_THREADS=1, as the evaluations) until the process has used ``--cpu-seconds`` of CPU time
 (bench/_timer.py CPUBudget; the two run side by side), then both checkpoints are scored by
 `flowdiff evaluate` with the same protocol: FD and KID on the MNIST classifier's features,
-precision, recall and class accuracy at 10, 20 and 50 Euler steps and guidance 1 and 3. Needs
+precision, recall and class accuracy at 10, 20 and 50 Euler steps and guidance 3. Needs
 MNIST in ./data (`make data`).
 Run by hand (about an hour on 2 CPU cores):
 
@@ -75,7 +75,7 @@ def main() -> None:
         out = args.out / name / "eval"
         subprocess.run(
             [sys.executable, "-m", "flowdiff.cli", "evaluate", "--ckpt", str(ckpt),
-             "--steps", "10,20,50", "--guidance", "1,3", "--num-samples", str(args.num_samples),
+             "--steps", "10,20,50", "--guidance", "3", "--num-samples", str(args.num_samples),
              "--nll", "false", "--wandb", "false", "--out", str(out), "--overwrite", "true"],
             env=env, check=True,
         )  # fmt: skip
