@@ -15,6 +15,19 @@ Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def add_network_flags(add) -> None:
+    """``--precision`` and ``--compile``, as ``sample`` and ``evaluate`` take them
+    (``add``: a parser's ``add_argument``)."""
+    add(
+        "--precision",
+        type=Precision | None,
+        default=None,
+        help="The network's precision (autocast; the sampler stays in float32). Default: the "
+        "checkpoint's training precision on a GPU, 32-true on a CPU.",
+    )
+    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: the CUDA GPU when there is one, else the CPU; otherwise a device torch knows and
     this machine has (``cpu``, ``cuda``, ``cuda:1``...), or one clear error."""

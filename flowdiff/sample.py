@@ -20,6 +20,7 @@ from flowdiff.flags import (
     plain,
     resolve_labels,
 )
+from flowdiff.inference import add_network_flags
 from flowdiff.samplers import parse_grid, with_args
 from flowdiff.utils import UsageError, atomic_path
 
@@ -98,14 +99,7 @@ def build_parser() -> ArgumentParser:
     )
     add("--overwrite", type=bool, default=False, help="Replace the files of an existing output.")
     add("--device", type=str, default="auto", help="auto (a CUDA GPU if any), cpu, cuda:1...")
-    add(
-        "--precision",
-        type=Literal["32-true", "bf16-mixed", "16-mixed"] | None,
-        default=None,
-        help="The network's precision (autocast; the sampler stays in float32). Default: the "
-        "checkpoint's training precision on a GPU, 32-true on a CPU.",
-    )
-    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
+    add_network_flags(add)
     add(
         "--batch-size",
         type=PositiveInt | None,

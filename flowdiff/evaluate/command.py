@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
@@ -24,6 +23,7 @@ from flowdiff.evaluate.plan import Plan, make_plan
 from flowdiff.evaluate.report import Report, Row
 from flowdiff.evaluate.sharding import chunk_generator, make_fabric, map_chunks
 from flowdiff.flags import comma_lists, plain
+from flowdiff.inference import add_network_flags
 from flowdiff.utils import UsageError
 
 LIST_FLAGS = {"--sampler", "--steps", "--grid", "--atol", "--rtol", "--guidance", "--compare"}
@@ -140,14 +140,7 @@ def build_parser() -> ArgumentParser:
         default="auto",
         help="auto (a CUDA GPU if any), cpu, cuda, gpu; --devices says how many.",
     )
-    add(
-        "--precision",
-        type=Literal["32-true", "bf16-mixed", "16-mixed"] | None,
-        default=None,
-        help="The network's precision (autocast; the sampler stays in float32). Default: the "
-        "checkpoint's training precision on a GPU, 32-true on a CPU.",
-    )
-    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
+    add_network_flags(add)
     add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
     add("--num-nodes", type=PositiveInt, default=1, help="Nodes (torchrun or SLURM launch them).")
     return parser  # fmt: skip
