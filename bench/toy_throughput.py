@@ -8,7 +8,7 @@ nothing else, in two variants: with PyTorch's default Adam implementation (what 
 loop gets: on a CPU, one small kernel launch per tensor) and with the fused implementation that
 flowdiff's config selects. Steps/s are timed from step 100 to the end of training. Run by hand:
 
-    python bench/toy_throughput.py [--repeats 3] [--steps N] [--json results.json]
+    python bench/toy_throughput.py [--repeats 3] [--steps N] [--compiled] [--json results.json]
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def bare_loop(config: dict, steps: int, fused: bool) -> dict:
     return {"steps": steps - WARMUP, "seconds": time.perf_counter() - start}
 
 
-def run_flowdiff(config_name: str, steps: int | None, workdir: Path) -> dict:
+def run_flowdiff(config_name: str, steps: int | None, workdir: Path, extra=()) -> dict:
     args = [
         "--config",
         config_name,
         "--trainer.default_root_dir",
         str(workdir / f"run-{time.time_ns()}"),
+        *extra,
     ]
     if steps is not None:
         args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2)]
@@ -97,6 +98,12 @@ def main() -> None:
         help="training steps a run (default: the config's max_steps)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time `flowdiff fit --model.compile true` (compilation, at the first batch, "
+        "falls before the timed steps)",
+    )
     parser.add_argument("--bare", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = load_config(args.config)
@@ -110,13 +117,21 @@ def main() -> None:
         for i in range(args.repeats):
             fd = run_flowdiff(args.config, args.steps, Path(tmp))
             row = {"repeat": i, "flowdiff": fd["steps"] / fd["seconds"]}
+            if args.compiled:
+                fc = run_flowdiff(args.config, args.steps, Path(tmp), ["--model.compile", "true"])
+                row["flowdiff_compiled"] = fc["steps"] / fc["seconds"]
             for variant in VARIANTS:
                 bare = run_bare(args.config, steps, variant)
                 row[f"bare_{variant}"] = bare["steps"] / bare["seconds"]
                 row[f"ratio_{variant}"] = row["flowdiff"] / row[f"bare_{variant}"]
+                if args.compiled:
+                    row[f"ratio_compiled_{variant}"] = (
+                        row["flowdiff_compiled"] / row[f"bare_{variant}"]
+                    )
             rows.append(row)
+            compiled = f"compiled {row['flowdiff_compiled']:6.1f}   " if args.compiled else ""
             print(
-                f"repeat {i}: flowdiff {row['flowdiff']:6.1f} steps/s   "
+                f"repeat {i}: flowdiff {row['flowdiff']:6.1f} steps/s   {compiled}"
                 + "   ".join(
                     f"bare ({v} Adam) {row[f'bare_{v}']:6.1f} steps/s, "
                     f"ratio {row[f'ratio_{v}']:.3f}"
@@ -128,9 +143,12 @@ def main() -> None:
     summary = {"config": args.config, "steps_per_run": steps, "median": median, "runs": rows}
     print(f"\n{'steps/s, median of ' + str(args.repeats):34}{'steps/s':>9}{'ratio':>8}")
     print(f"{'flowdiff fit (as shipped)':34}{median['flowdiff']:9.1f}")
+    if args.compiled:
+        print(f"{'flowdiff fit --model.compile true':34}{median['flowdiff_compiled']:9.1f}")
     for v in VARIANTS:
         print(
             f"{'bare loop, ' + v + ' Adam':34}{median[f'bare_{v}']:9.1f}{median[f'ratio_{v}']:8.3f}"
+            + (f"  compiled: {median[f'ratio_compiled_{v}']:.3f}" if args.compiled else "")
         )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
