@@ -87,20 +87,6 @@ class FlowModule(L.LightningModule):
             )
         if lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if objective.prediction != "velocity":
-            # A score or noise prediction becomes a velocity through 1 / alpha_t and a score
-            # through 1 / beta_t: at t = 0 (alpha = 0) or t = 1 (beta = 0) that is a division by 0.
-            if path.t_min <= 0:
-                raise UsageError(
-                    f"model.path.init_args.t_min must be > 0 for a {objective.prediction} "
-                    f"prediction (it is turned into a velocity through 1 / alpha_t, and alpha_0 = "
-                    f"0), got t_min={path.t_min}; try 0.01"
-                )
-            if path.t_max >= 1:
-                raise UsageError(
-                    f"model.path.init_args.t_max must be < 1 for a {objective.prediction} "
-                    f"prediction (beta_1 = 0), got t_max={path.t_max}; try 0.999"
-                )
         objective.check(net, path)
         self.net, self.path, self.objective = net, path, objective
         self.sampler = sampler if sampler is not None else EulerSampler(100)

@@ -30,7 +30,22 @@ class Objective(Recorded):
         return (output - target).square().flatten(1).mean(1)
 
     def check(self, net: nn.Module, path: GaussianConditionalPath) -> None:
-        """Refuse a network or path this objective cannot train (a UsageError); nothing here."""
+        """Refuse a network or path this objective cannot train (a UsageError): a score or noise
+        prediction becomes a velocity through 1 / alpha_t and a score through 1 / beta_t, so at
+        t = 0 (alpha = 0) or t = 1 (beta = 0) it would divide by 0."""
+        if self.prediction == "velocity":
+            return
+        if path.t_min <= 0:
+            raise UsageError(
+                f"model.path.init_args.t_min must be > 0 for a {self.prediction} prediction (it "
+                f"is turned into a velocity through 1 / alpha_t, and alpha_0 = 0), got "
+                f"t_min={path.t_min}; try 0.01"
+            )
+        if path.t_max >= 1:
+            raise UsageError(
+                f"model.path.init_args.t_max must be < 1 for a {self.prediction} prediction "
+                f"(beta_1 = 0), got t_max={path.t_max}; try 0.999"
+            )
 
     def loss(
         self,
