@@ -93,6 +93,7 @@ class MeanFlow(Objective):
         )
 
     def check(self, net: nn.Module, path: GaussianConditionalPath) -> None:
+        super().check(net, path)
         if not getattr(net, "interval", False):  # the optional attribute of the Network contract
             raise UsageError(
                 "the MeanFlow objective needs a network with a second time input: set "
