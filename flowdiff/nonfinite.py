@@ -70,6 +70,7 @@ class NonFiniteGuard(Callback):
         self._skip = None  # device: skip the coming optimizer step
         self._snapshot: list[Tensor] | None = None
         self._hooks: list = []
+        self._on_host = True  # read the loss every step (decided at the start of training)
 
     # -- the decision, shared by both checks ------------------------------------------------------
 
@@ -111,7 +112,8 @@ class NonFiniteGuard(Callback):
         self._trainer = trainer
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._every_step(pl_module):
+        self._on_host = self._every_step(pl_module)
+        if self._on_host:
             return
         device = pl_module.device
         self._halt = torch.zeros((), dtype=torch.bool, device=device)
@@ -135,7 +137,7 @@ class NonFiniteGuard(Callback):
             return
         if trainer.world_size > 1:  # the ranks agree (a sum on the device, no host read)
             bad = trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
-        if self._every_step(pl_module):
+        if self._on_host:
             bad_now = bool(bad)
             if self._observe(trainer, step, bad_now, float(loss) if bad_now else 0.0):
                 optimizer.zero_grad(set_to_none=True)  # parameters without a gradient do not move
@@ -187,7 +189,7 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._pending and trainer.global_step % trainer.log_every_n_steps == 0:
             self._flush()
-        if self.skipped != self.logged and not self._every_step(pl_module):
+        if self.skipped != self.logged and not self._on_host:
             self.logged = self.skipped
             pl_module.log("train/skipped_batches", float(self.skipped))
 

@@ -293,8 +293,8 @@ def evaluate_main(argv: list[str]) -> Path | None:
         log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
             f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
-    points = cfg.straightness if cfg.straightness is not None else len(model.data_shape) == 1
-    straight = measure_straightness(fabric, model, plan, cfg.seed) if points else None
+    straightness = cfg.straightness if cfg.straightness is not None else len(model.data_shape) == 1
+    straight = measure_straightness(fabric, model, plan, cfg.seed) if straightness else None
     if not rank0:
         return None
     protocol["network precision"] = precision + (", compiled" if cfg.compile else "")
