@@ -95,6 +95,43 @@ def test_fit_then_guided_sample(fake_mnist, run_cli, config, tmp_path):
     assert code == 2 and "outside the model's classes 0..9" in err
 
 
+def test_mnist_reflow_config_trains_on_a_guided_teachers_pairs(fake_mnist, run_cli, tmp_path):
+    """mnist.yaml teacher -> reflow pairs at w = 3 with labels -> mnist_reflow.yaml student from
+    the teacher's weights -> one-step samples at w = 1 (the pairs carry the guidance)."""
+    teacher = tmp_path / "teacher"
+    code, _, err = run_cli("fit", "--config", "mnist.yaml", "--data.init_args.data_dir",
+                           fake_mnist, "--trainer.default_root_dir", teacher,
+                           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                           *TINY_UNET)  # fmt: skip
+    assert code == 0, err
+    teacher_ckpt = teacher / "checkpoints" / "last.ckpt"
+    pairs = tmp_path / "pairs.pt"
+    code, _, err = run_cli("reflow", "--ckpt", teacher_ckpt, "--num-pairs", "30", "--guidance",
+                           "3", "--sampler", "midpoint", "--steps", "2", "--batch-size", "10",
+                           "--out", pairs)  # fmt: skip
+    assert code == 0, err
+    content = torch.load(pairs, weights_only=True)
+    assert content["x"].shape == content["x_0"].shape == (30, 1, 28, 28)
+    assert content["y"].tolist() == [k % 10 for k in range(30)]
+    student = tmp_path / "student"
+    code, _, err = run_cli("fit", "--config", "mnist_reflow.yaml", "--data.init_args.path", pairs,
+                           "--init_from", teacher_ckpt, "--trainer.default_root_dir", student,
+                           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                           "--data.init_args.batch_size", "8", "--validation.num_samples", "10",
+                           "--trainer.logger", "false", "--trainer.limit_val_batches", "1",
+                           *TINY_UNET[:6])  # fmt: skip
+    assert code == 0, err
+    ckpt = torch.load(student / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["coupling"] == "stored"
+    out = tmp_path / "out"
+    code, _, err = run_cli("sample", "--ckpt", student / "checkpoints" / "last.ckpt",
+                           "--per-class", "1", "--out", out)  # fmt: skip
+    assert code == 0, err
+    saved = torch.load(out / "samples.pt", weights_only=True)
+    assert saved["nfe"] == 1 and saved["samples"].shape[-3:] == (1, 28, 28)
+    assert torch.isfinite(saved["samples"]).all()
+
+
 def test_precision_default_resolves_by_device():
     from flowdiff.cli import default_precision
 
