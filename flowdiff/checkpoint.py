@@ -194,6 +194,16 @@ class RunCheckpoint(ModelCheckpoint):
                     shutil.copy(filepath, tmp)
         trainer.strategy.barrier()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A run resumed in another directory (moved or copied) is that directory's run now: its
+        # last.ckpt is the one to replace. Lightning forgets last_model_path when the directory
+        # changed, and would write last-v1.ckpt beside a stale last.ckpt, the one that the next
+        # --ckpt_path last would resume from.
+        super().load_state_dict(state_dict)
+        last = os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if self.dirpath and not self.last_model_path and os.path.lexists(last):
+            self.last_model_path = last
+
     # Lightning (2.6) writes last.ckpt at a validation or an epoch end only when a top-k checkpoint
     # was written there too, and when training ends only if it never wrote one before. flowdiff
     # keeps no top-k checkpoint (save_top_k=0): without these, last.ckpt would appear only when

@@ -1,5 +1,6 @@
 """End-to-end CLI: fit a tiny run from each shipped toy config, sample from it, bad input."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,6 +261,21 @@ def test_fit_refuses_existing_run_and_resumes(toy_runs, run_cli):
     )
     assert code == 0
     assert torch.load(ckpt, weights_only=True)["global_step"] == 40
+
+
+def test_a_moved_run_resumes_into_its_own_last_checkpoint(toy_runs, run_cli, tmp_path):
+    """A run directory copied elsewhere and resumed there replaces its last.ckpt (Lightning would
+    write last-v1.ckpt beside it, and the next --ckpt_path last would go back to the old step)."""
+    root = tmp_path / "moved"
+    shutil.copytree(toy_runs["toy_csm"], root)
+    args = ["fit", "--config", "toy_csm.yaml", "--trainer.default_root_dir", root, *TINY,
+            "--ckpt_path", "last"]  # fmt: skip
+    assert run_cli(*args, "--trainer.max_steps", "40")[0] == 0
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 40
+    assert run_cli(*args, "--trainer.max_steps", "50")[0] == 0
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 50
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
