@@ -1,10 +1,23 @@
-"""A callback that times training steps inside `flowdiff fit`, for the benchmarks."""
+"""Timing for the benchmarks: a callback that times training steps inside `flowdiff fit`, and
+whole flowdiff commands in fresh processes."""
 
 import json
 import os
 import time
 
 import lightning as L
+
+
+def run_logged(args: list, log) -> float:
+    """``flowdiff ARGS`` in a fresh process, its output to the file ``log``; its wall time (s)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-m", "flowdiff.cli", *map(str, args)], stdout=out,
+                       stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    return time.perf_counter() - start
 
 
 class StepTimer(L.Callback):

@@ -27,13 +27,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-FLOWDIFF = [sys.executable, "-m", "flowdiff.cli"]
+from _timer import run_logged as run
+
 TARGETS = {1: 1.5, 2: 1.2}
 # The README's teacher: version 0.1's toy.yaml.
 TEACHER = (
@@ -41,15 +39,6 @@ TEACHER = (
     "--model.optimizer.init_args.lr 0.001 "
     "--model.sampler.class_path flowdiff.samplers.EulerSampler --model.sampler.init_args.steps 100"
 )
-
-
-def run(args: list, log: Path) -> float:
-    """``flowdiff ARGS`` in a fresh process, output to ``log``; its wall time in seconds."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run([*FLOWDIFF, *map(str, args)], stdout=out, stderr=subprocess.STDOUT,
-                       check=True)  # fmt: skip
-    return time.perf_counter() - start
 
 
 def ratios(metrics_json: Path) -> dict:
