@@ -12,7 +12,9 @@ def run_logged(args: list, log) -> float:
     """``flowdiff ARGS`` in a fresh process, its output to the file ``log``; its wall time (s)."""
     import subprocess
     import sys
+    from pathlib import Path
 
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as out:
         subprocess.run([sys.executable, "-m", "flowdiff.cli", *map(str, args)], stdout=out,

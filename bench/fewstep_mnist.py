@@ -13,13 +13,16 @@ With the shipped configs and the commands a user types, in ``--workdir``:
    accuracy): each teacher at ``--guidance`` with Euler at 50 steps, the last teacher also at 1
    and 2; each student at w = 1 (its pairs carry the guidance) with Euler at 1 and 2 steps.
 
-Prints the curve (FD and accuracy against training steps and CPU time), each stage's wall time,
+Also scores the pairs themselves (the last teacher with the pairs' sampler). Prints the curve
+(FD and accuracy against training steps), each stage's wall time,
 and the issue's targets: 1 or 2 steps at >= 95% accuracy with FD within 2x of the 50-step
 teacher's. Draws the curve with ``--picture``. Finished stages and evaluations are kept in
-``--workdir`` and not run again (their times are kept in ``times.json``). Run by hand:
+``--workdir`` and not run again (their times are kept in ``times.json``). ``--samples`` draws the
+last teacher's and student's samples from the same noise. Run by hand:
 
     python bench/fewstep_mnist.py [--workdir runs/fewstep-mnist] [--teacher-steps 1000]
-        [--student-steps 1000] [--num-pairs 10000] [--picture docs/mnist_fewstep.png] [--json F]
+        [--student-steps 1000] [--num-pairs 10000] [--picture docs/mnist_fewstep_curve.png]
+        [--samples docs/mnist_fewstep_samples.png] [--json F]
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ def stage(times: dict, key: str, args: list, log: Path, work: Path) -> None:
     (work / "times.json").write_text(json.dumps(times, indent=2) + "\n")
 
 
-def evaluate(ckpt: Path, out: Path, steps: str, guidance: float, num: int, log: Path) -> dict:
+def evaluate(ckpt: Path, out: Path, steps, guidance: float, num: int, log: Path, extra=()) -> dict:
     """``flowdiff evaluate``'s rows (run once, then kept) as ``{steps: metrics}``; the floor."""
     if not (out / "metrics.json").exists():
         run(["evaluate", "--ckpt", ckpt, "--steps", steps, "--guidance", guidance, "--num-samples",
-             num, "--nll", "false", "--wandb", "false", "--overwrite", "true", "--out", out],
-            log)  # fmt: skip
+             num, *extra, "--nll", "false", "--wandb", "false", "--overwrite", "true",
+             "--out", out], log)  # fmt: skip
     report = json.loads((out / "metrics.json").read_text())
     return {"floor": report["floor"], "rows": {r["steps"]: r["metrics"] for r in report["rows"]}}
 
@@ -71,7 +74,13 @@ def main() -> None:
     parser.add_argument("--student-every", type=int, default=100)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples an evaluate row")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--picture", type=Path, default=None)
+    parser.add_argument("--picture", type=Path, default=None, help="draw the curve here")
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="draw the last teacher (50 steps) and student (1, 2 steps) from the same noise here",
+    )
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -105,10 +114,16 @@ def main() -> None:
         steps = "1,2,50" if step == args.teacher_steps else "50"
         out = work / "eval" / f"teacher-{step}"
         curve["teacher"][step] = evaluate(ckpt, out, steps, w, num, out.with_suffix(".log"))
+    out = work / "eval" / f"teacher-{args.teacher_steps}-pairsampler"
+    pairs_rows = evaluate(teacher_ckpt, out, args.pair_steps, w, num, out.with_suffix(".log"),
+                          ["--sampler", args.pair_sampler])  # fmt: skip
+    curve[f"pairs ({args.pair_sampler})"] = {args.teacher_steps: pairs_rows}
     for step, ckpt in checkpoints(student).items():
         out = work / "eval" / f"student-{step}"
         curve["student"][step] = evaluate(ckpt, out, "1,2", 1.0, num, out.with_suffix(".log"))
     report(curve, times, args)
+    if args.samples:
+        grids(teacher_ckpt, checkpoints(student)[args.student_steps], args, args.samples)
 
 
 def report(curve: dict, times: dict, args) -> None:
@@ -117,17 +132,17 @@ def report(curve: dict, times: dict, args) -> None:
     print(f"\nfloor (data against data): FD {floor['fid']:.1f}, "
           f"accuracy {floor['class_accuracy']:.3f}")  # fmt: skip
     print(f"stage wall times (s): {json.dumps({k: round(v) for k, v in times.items()})}")
-    print(f"{'model':10}{'steps':>7}{'NFE':>5}{'FD':>9}{'accuracy':>10}")
+    print(f"{'model':18}{'trained':>8}{'sampler steps':>14}{'FD':>9}{'accuracy':>10}")
     for name, runs in curve.items():
         for step, result in runs.items():
-            for nfe, m in result["rows"].items():
-                print(f"{name:10}{step:7d}{nfe:5d}{m['fid']:9.1f}{m['class_accuracy']:10.3f}")
-    best = {n: max(curve["student"].values(), key=lambda r: r["rows"][n]["class_accuracy"])
-            for n in (1, 2)}  # fmt: skip
-    for nfe, result in best.items():
-        m = result["rows"][nfe]
+            for steps, m in result["rows"].items():
+                print(f"{name:18}{step:8d}{steps:14d}{m['fid']:9.1f}{m['class_accuracy']:10.3f}")
+    last = curve["student"][args.student_steps]
+    for nfe in (1, 2):
+        m = last["rows"][nfe]
         met = m["class_accuracy"] >= 0.95 and m["fid"] <= 2 * ref["fid"]
-        print(f"2-RF at {nfe} NFE, best accuracy: {m['class_accuracy']:.3f}, FD {m['fid']:.1f} "
+        print(f"2-RF after {args.student_steps} steps at {nfe} NFE: accuracy "
+              f"{m['class_accuracy']:.3f}, FD {m['fid']:.1f} "
               f"(teacher at 50 NFE: {ref['class_accuracy']:.3f}, FD {ref['fid']:.1f}); target "
               f"{'met' if met else 'not met'}")  # fmt: skip
     if args.json:
@@ -154,6 +169,8 @@ def picture(curve: dict, args, out: Path) -> None:
             xs = [args.teacher_steps + step for step in s]
             ax.plot(xs, [r["rows"][nfe][key] for r in s.values()], "o-", c=color,
                     label=f"2-RF, {nfe} NFE (x: teacher + student steps)")  # fmt: skip
+        pairs = curve[f"pairs ({args.pair_sampler})"][args.teacher_steps]["rows"][args.pair_steps]
+        ax.axhline(pairs[key], ls=":", c="tab:green", label="the pairs (teacher, w = 3)")
         target = 0.95 if key == "class_accuracy" else 2 * ref[key]
         ax.axhline(target, ls="--", c="grey", label="target")
         ax.set(xlabel="training steps (mnist.yaml batch 250)", ylabel=label)
@@ -161,6 +178,32 @@ def picture(curve: dict, args, out: Path) -> None:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.suptitle("guided MNIST: few-step 2-rectified flow against training")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def grids(teacher_ckpt: Path, student_ckpt: Path, args, out: Path) -> None:
+    """``flowdiff sample`` of teacher and student, 8 a class, from the same noise; side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    rows = ((teacher_ckpt, 50, args.guidance, f"teacher, 50 Euler steps, w = {args.guidance:g}"),
+            (student_ckpt, 1, 1.0, "2-RF, 1 Euler step"),
+            (student_ckpt, 2, 1.0, "2-RF, 2 Euler steps"))  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=100)
+    for ax, (ckpt, steps, w, title) in zip(axes, rows, strict=True):
+        grid = args.workdir / "grids" / f"{ckpt.parent.parent.name}-{steps}"
+        if not (grid / "samples.png").exists():
+            run(["sample", "--ckpt", ckpt, "--steps", steps, "--guidance", w, "--per-class", 8,
+                 "--seed", 1, "--overwrite", "true", "--out", grid],
+                grid.with_suffix(".log"))  # fmt: skip
+        ax.imshow(mpimg.imread(grid / "samples.png"))
+        ax.set_title(title)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
