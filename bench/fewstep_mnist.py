@@ -46,9 +46,10 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def stage(times: dict, key: str, args: list, log: Path, work: Path) -> None:
+def stage(times: dict, key: str, args: list, log: Path) -> None:
+    """Run a stage; add its wall time to ``times``, kept in ``times.json`` beside ``log``."""
     times[key] = times.get(key, 0.0) + run(args, log)
-    (work / "times.json").write_text(json.dumps(times, indent=2) + "\n")
+    (log.parent / "times.json").write_text(json.dumps(times, indent=2) + "\n")
 
 
 def evaluate(ckpt: Path, out: Path, steps, guidance: float, num: int, log: Path, extra=()) -> dict:
@@ -84,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    times_file = work / "times.json"
+    times_file = work / "times.json"  # kept by stage()
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     teacher, student, pairs = work / "teacher", work / "student", work / "pairs.pt"
 
@@ -94,19 +95,19 @@ def main() -> None:
         stage(times, f"teacher fit {done}-{args.teacher_steps}",
               ["fit", "--config", "mnist.yaml", "--trainer.default_root_dir", teacher,
                "--trainer.max_steps", args.teacher_steps, "--checkpoint.every_n_train_steps",
-               args.every, *QUIET, *resume], work / "teacher.log", work)  # fmt: skip
+               args.every, *QUIET, *resume], work / "teacher.log")  # fmt: skip
     teacher_ckpt = checkpoints(teacher)[args.teacher_steps]
     if not pairs.exists():
         stage(times, "reflow", ["reflow", "--ckpt", teacher_ckpt, "--num-pairs", args.num_pairs,
                                 "--guidance", args.guidance, "--sampler", args.pair_sampler,
                                 "--steps", args.pair_steps, "--out", pairs],
-              work / "reflow.log", work)  # fmt: skip
+              work / "reflow.log")  # fmt: skip
     if max(checkpoints(student), default=0) < args.student_steps:
         stage(times, "2-RF fit",
               ["fit", "--config", "mnist_reflow.yaml", "--data.init_args.path", pairs,
                "--init_from", teacher_ckpt, "--trainer.default_root_dir", student,
                "--trainer.max_steps", args.student_steps, "--checkpoint.every_n_train_steps",
-               args.student_every, *QUIET], work / "student.log", work)  # fmt: skip
+               args.student_every, *QUIET], work / "student.log")  # fmt: skip
 
     num, w = args.num_samples, args.guidance
     curve = {"teacher": {}, "student": {}}
