@@ -205,6 +205,22 @@ def test_two_rectified_flow_recovers_a_linear_map(tmp_path):
     assert error.mean() < 0.1, error.mean()
 
 
+def test_a_logger_gets_both_paths(teachers, tmp_path):
+    """The module's probability path and the reflow file's path both reach a logger (Lightning
+    refused to merge the two under one key, so any logged reflow run failed at its start)."""
+    out = run_reflow(teachers["plain"], tmp_path / "pairs.pt", "--steps", "2")
+    model = FlowModule(MLP(hidden=32, depth=2), GaussianConditionalPath(),
+                       ConditionalFlowMatching(), coupling="stored")  # fmt: skip
+    logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
+    fit = L.Trainer(max_steps=1, logger=logger, enable_checkpointing=False,
+                    enable_progress_bar=False, limit_val_batches=0)  # fmt: skip
+    fit.fit(model, ReflowDataModule(str(out), batch_size=64))
+    logged = logger.experiment.hparams
+    assert logged["data"]["init_args"]["path"] == str(out)
+    assert logged["data"]["class_path"] == "flowdiff.data.reflow.ReflowDataModule"
+    assert isinstance(logged["path"], GaussianConditionalPath)  # the module's, as it was given
+
+
 def test_init_from_starts_from_the_teachers_weights(teachers):
     teacher = load_run(teachers["plain"])
     student = FlowModule(MLP(hidden=32, depth=2), GaussianConditionalPath(),

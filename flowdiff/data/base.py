@@ -85,6 +85,14 @@ class FlowDataModule(L.LightningDataModule):
     def label_dropout(self) -> LabelDropout:
         return LabelDropout(self.p_uncond, self.num_classes)
 
+    @property
+    def hparams_initial(self) -> dict:
+        """What the loggers get of the data: its arguments under ``data``. Lightning merges the
+        module's and the data's hyperparameters into one flat dict and refuses a key with two
+        values (a reflow file's ``path`` beside the module's probability ``path``)."""
+        init_args = {k: v for k, v in super().hparams_initial.items() if not k.startswith("_")}
+        return {"data": {"class_path": class_path(type(self)), "init_args": init_args}}
+
     def describe(self) -> dict:
         """What a checkpoint records of the data: how to rebuild it, and what it is."""
         init_args = {k: v for k, v in dict(self.hparams).items() if not k.startswith("_")}
