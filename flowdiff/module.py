@@ -92,6 +92,13 @@ class FlowModule(L.LightningModule):
         self.sampler = sampler if sampler is not None else EulerSampler(100)
         self.lr_schedule = lr_schedule
         self.coupling = get_coupling(coupling)
+        if getattr(objective, "needs_independent_coupling", False) and self.coupling.name != (
+            "independent"
+        ):
+            raise UsageError(
+                f"{objective!r} weighs data by the posterior of the independent coupling; "
+                f"model.coupling {self.coupling.name} would give it the wrong field: drop one"
+            )
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes
         self.data_info: dict = {}  # the datamodule's description, kept in the checkpoint
