@@ -330,6 +330,7 @@ def main() -> int:
 
     toy_steps = 60 if tiny else 1000
     toy_extra = ["--trainer.accelerator", device.type]
+    toy_extra += ["--model.objective", "flowdiff.objectives.ConditionalFlowMatching"]  # bare's loss
     if tiny:
         toy_extra += ["--model.net.init_args.hidden", "32", "--data.init_args.batch_size", "64"]
     fd = fit("toy.yaml", work / "toy", toy_steps, warmup * 5, toy_extra)

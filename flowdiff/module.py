@@ -96,8 +96,9 @@ class FlowModule(L.LightningModule):
             "independent"
         ):
             raise UsageError(
-                f"{objective!r} weighs data by the posterior of the independent coupling; "
-                f"model.coupling {self.coupling.name} would give it the wrong field: drop one"
+                f"model.coupling {self.coupling.name} needs another objective: {objective!r} "
+                f"weighs the data by the posterior of the independent coupling; pass "
+                f"--model.objective flowdiff.objectives.ConditionalFlowMatching"
             )
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes

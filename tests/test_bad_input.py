@@ -247,8 +247,10 @@ CASES = [
      ["average-velocity"]),
     ("fit-meanflow-without-interval", "fit --config toy_meanflow.yaml --trainer.default_root_dir "
      "{run} --trainer.logger false --model.net.init_args.interval false", ["interval true"]),
-    ("fit-stored-coupling-without-pairs", FIT + " --model.coupling stored",
-     ["coupling stored", "ReflowDataModule"]),
+    ("fit-stored-coupling-without-pairs", FIT + " --model.coupling stored --model.objective "
+     "flowdiff.objectives.ConditionalFlowMatching", ["coupling stored", "ReflowDataModule"]),
+    ("fit-stable-target-with-ot", FIT + " --model.coupling ot",
+     ["model.coupling ot needs another objective", "ConditionalFlowMatching"]),
     ("fit-init-from-missing", FIT + " --init_from {tmp}/nope.ckpt", ["nope.ckpt", "not found"]),
     ("fit-init-from-foreign", FIT + " --init_from {foreign}", ["not a self-describing"]),
     ("reflow-missing-ckpt", "reflow --ckpt {tmp}/nope.ckpt --num-pairs 10 --out {out}/p.pt",

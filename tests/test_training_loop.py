@@ -148,6 +148,7 @@ def test_coupling_and_time_sampling_train_and_are_recorded(tmp_path, run_cli):
 
     root = tmp_path / "ot"
     fit(run_cli, root, "--trainer.max_steps", "5", "--model.coupling", "ot",
+        "--model.objective", "flowdiff.objectives.ConditionalFlowMatching",
         "--model.path.init_args.time_sampling", "logit-normal",
         "--model.net.init_args.num_classes", "2", "--data.init_args.p_uncond", "0.2")  # fmt: skip
     ckpt = root / "checkpoints" / "last.ckpt"
