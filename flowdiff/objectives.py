@@ -161,15 +161,20 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
         alpha = c.alpha_t.reshape(b, -1)[:, :1].to(dtype)
         beta2 = c.beta_t.reshape(b, -1)[:, :1].to(dtype).square().clamp_min(1e-30)
         x, r = sample.x_t.flatten(1).to(dtype), ref_z.flatten(1).to(dtype)
+        # A non-finite data point (a batch the non-finite guard skips) weighs nothing, here and
+        # while it stays in the bank; checked on the device, without a host read.
+        finite = torch.isfinite(r).all(1)
+        r = torch.where(finite[:, None], r, torch.zeros_like(r))
         # -||x - alpha z_j||^2 / (2 beta^2) up to a term of x alone, which the softmax drops
         logits = (alpha * (x @ r.T) - alpha.square() / 2 * r.square().sum(1)) / beta2
+        logits = logits.masked_fill(~finite[None, :], -torch.inf)
         if y is not None:
             allowed = ref_y[None, :] == y[:, None]
             if null is not None:
                 allowed |= (y == null)[:, None]
             logits = logits.masked_fill(~allowed, -torch.inf)
         z_hat = torch.softmax(logits, dim=1) @ r
-        shift = (z_hat - r[:b]).reshape(z.shape).to(z.dtype)  # z_hat - z_i
+        shift = (z_hat - z.flatten(1).to(dtype)).reshape(z.shape).to(z.dtype)  # z_hat - z_i
         if update and self.reference:
             self._bank = (
                 ref_z[: self.reference].detach(),

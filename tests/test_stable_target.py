@@ -130,3 +130,23 @@ def test_refusals():
         FlowModule(net, path, StableTargetFlowMatching(), coupling="ot")
     FlowModule(net, path, ConditionalFlowMatching(), coupling="ot")
     FlowModule(net, path, StableTargetFlowMatching())
+
+
+def test_a_non_finite_data_point_weighs_nothing_while_in_the_bank():
+    """A batch with a nan point (which the non-finite guard skips) must not spoil the targets of
+    the batches after it through the bank."""
+    path = GaussianConditionalPath("linear")
+    net = MLP(dim=2, hidden=8, depth=1, num_classes=0)
+    g = torch.Generator().manual_seed(3)
+    bad = torch.randn(4, 2, generator=g)
+    bad[1, 0] = float("nan")
+    clean, spoiled = StableTargetFlowMatching(8), StableTargetFlowMatching(8)
+    spoiled.loss(net, path.sample(bad, torch.full((4,), 0.5)), path)
+    clean.loss(net, path.sample(bad[[0, 2, 3]], torch.full((3,), 0.5)), path)
+    z, t = torch.randn(5, 2, generator=g), torch.rand(5, generator=g)
+    eps = torch.randn(5, 2, generator=g)
+    targets = [
+        velocity_target(objective, path.sample(z, t, eps), path) for objective in (clean, spoiled)
+    ]
+    assert torch.isfinite(targets[1]).all()
+    torch.testing.assert_close(targets[1], targets[0])
