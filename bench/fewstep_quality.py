@@ -33,11 +33,13 @@ from pathlib import Path
 from _timer import run_logged as run
 
 TARGETS = {1: 1.5, 2: 1.2}
-# The README's teacher: version 0.1's toy.yaml.
+# The README's teacher: version 0.1's toy.yaml (CFM, Adam's default betas).
 TEACHER = (
     "--trainer.max_steps 20000 --trainer.val_check_interval 10000 "
     "--model.optimizer.init_args.lr 0.001 "
-    "--model.sampler.class_path flowdiff.samplers.EulerSampler --model.sampler.init_args.steps 100"
+    "--model.sampler.class_path flowdiff.samplers.EulerSampler --model.sampler.init_args.steps 100 "
+    "--model.objective flowdiff.objectives.ConditionalFlowMatching "
+    "--model.optimizer.init_args.betas [0.9,0.999]"
 )
 
 
