@@ -4,17 +4,18 @@ For each dataset and seed, trains `flowdiff fit --config toy.yaml` as shipped (o
 and the seeds changed: `--seed_everything S --data.init_args.seed S`), timing the whole command
 (process start included), then draws 5,000 samples from `last.ckpt` (EMA weights) with the
 checkpoint's own sampler and computes the exact W2 (POT) to 5,000 fresh data points. The floor is
-the W2 between two independent 5,000-point data sets (drawn from seeds tied to S). One draw is
-noisy: on 8 gaussians the floor of one draw swings from 0.146 to 0.226 with the seed (the points
-per mode are multinomial), and data scored as a model gets 0.6x to 1.6x its floor. So each seed
-takes the mean W2 and the mean floor over ``--draws`` independent draws (4; each its own samples,
-reference and floor set) and their ratio. The table gives, per dataset, the medians over the seeds
-of W2, floor, their ratio, the ratio of draw 0 alone (the protocol of earlier versions), the
-ratio that fresh data scores in the model's place (a perfect model: the protocol's own noise) and
-the fit's wall time, with the sampler's NFE. Run by hand (a few minutes a dataset on 2 CPU cores):
+the W2 between two independent 5,000-point data sets. One draw is noisy: on 8 gaussians the floor
+of one draw swings from 0.146 to 0.226 with the seed (the points per mode are multinomial), and
+data scored as a model gets 0.6x to 1.6x its floor. So each model takes the mean W2 over
+``--draws`` draws (8; draw k: noise seed k, its own reference set) against the mean floor of the
+same draws, and every model of a dataset meets the same draws (common random numbers: seeds
+differ by their training only). "data as a model" is a third data set scored like a model: the
+ratio a perfect model gets, the protocol's own noise. The table gives, per dataset, the medians
+over the seeds of W2, floor, their ratio and the fit's wall time, with the sampler's NFE. Run by
+hand (a few minutes a dataset on 2 CPU cores):
 
     python bench/toy_quality.py [--datasets moons 8gaussians checkerboard] [--seeds 0 1 2]
-        [--draws 4] [--json out.json] [-- EXTRA FIT ARGUMENTS]
+        [--draws 8] [--json out.json] [-- EXTRA FIT ARGUMENTS]
 
 Arguments after ``--`` go to every `flowdiff fit` (e.g. today's figures of another recipe).
 """
@@ -35,28 +36,40 @@ import torch
 N = 5000
 
 
-def score(ckpt: Path, seed: int, draws: int) -> dict:
-    """W2 and floor as means over ``draws`` independent draws (5,000 points each), and the ratio
-    of the means; ``draw_ratios``: each draw's own ratio, what one draw alone would report."""
+def floors(datamodule, draws: int) -> dict:
+    """The data's side of the protocol, the same for every model of a dataset: draw k's reference
+    (seed 10,000 + 1,000 k), its floor (W2 of another data set to it) and the W2 of a third data
+    set, scored as a model would be (a perfect model)."""
+    from flowdiff.metrics import wasserstein2
+
+    refs, floor, control = [], [], []
+    for k in range(draws):
+        data, _ = datamodule.reference(N, seed=10_000 + 1000 * k)
+        other, _ = datamodule.reference(N, seed=20_000 + 1000 * k)
+        perfect, _ = datamodule.reference(N, seed=30_000 + 1000 * k)
+        refs.append(data)
+        floor.append(wasserstein2(other, data))
+        control.append(wasserstein2(perfect, data))
+    return {"refs": refs, "floor": floor, "control": control}
+
+
+def score(ckpt: Path, data: dict | None, draws: int) -> tuple[dict, dict]:
+    """Mean W2 of the model over the draws (5,000 samples each, noise seed k) against the mean
+    floor, and their ratio; ``data``: :func:`floors` of the dataset (None: computed here)."""
     from flowdiff.checkpoint import load_run
     from flowdiff.metrics import wasserstein2
 
     run = load_run(ckpt)
-    w2s, floors, controls = [], [], []
+    data = data or floors(run.datamodule, draws)
+    w2s = []
     for k in range(draws):
-        s = seed + 1000 * k  # draw 0 is the single draw of earlier versions of this bench
-        result = run.model.sample(N, generator=torch.Generator().manual_seed(s))
-        data, _ = run.datamodule.reference(N, seed=10_000 + s)
-        other, _ = run.datamodule.reference(N, seed=20_000 + s)
-        perfect, _ = run.datamodule.reference(N, seed=30_000 + s)  # data scored as a model
-        w2s.append(wasserstein2(result.x, data))
-        floors.append(wasserstein2(other, data))
-        controls.append(wasserstein2(perfect, data))
-    w2, floor = statistics.mean(w2s), statistics.mean(floors)
+        result = run.model.sample(N, generator=torch.Generator().manual_seed(k))
+        w2s.append(wasserstein2(result.x, data["refs"][k]))
+    w2, floor = statistics.mean(w2s), statistics.mean(data["floor"])
     return {"w2": w2, "floor": floor, "ratio": w2 / floor, "nfe": result.nfe,
-            "draw_ratios": [a / b for a, b in zip(w2s, floors, strict=True)],
-            "control_ratio": statistics.mean(controls) / floor,
-            "sampler": repr(run.model.sampler)}  # fmt: skip
+            "draw_ratios": [a / b for a, b in zip(w2s, data["floor"], strict=True)],
+            "control_ratio": statistics.mean(data["control"]) / floor,
+            "sampler": repr(run.model.sampler)}, data  # fmt: skip
 
 
 def fit(config: str, dataset: str, seed: int, root: Path, extra: list[str]) -> float:
@@ -77,17 +90,18 @@ def main() -> None:
     parser.add_argument("--config", default="toy.yaml")
     parser.add_argument("--datasets", nargs="+", default=["moons", "8gaussians", "checkerboard"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--draws", type=int, default=4, help="draws of 5,000 points per seed")
+    parser.add_argument("--draws", type=int, default=8, help="draws of 5,000 points per model")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     runs, table = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets:
+            data = None  # the data's draws, shared by the dataset's models
             for seed in args.seeds:
                 root = Path(tmp) / f"{name}-{seed}"
                 seconds = fit(args.config, name, seed, root, extra)
-                r = {"dataset": name, "seed": seed, "fit_seconds": seconds,
-                     **score(root / "checkpoints" / "last.ckpt", seed, args.draws)}  # fmt: skip
+                scores, data = score(root / "checkpoints" / "last.ckpt", data, args.draws)
+                r = {"dataset": name, "seed": seed, "fit_seconds": seconds, **scores}
                 runs.append(r)
                 print(f"{name:13} seed {seed}  W2 {r['w2']:.4f}  floor {r['floor']:.4f}  "
                       f"ratio {r['ratio']:.3f}  data {r['control_ratio']:.3f}  NFE {r['nfe']}  "
@@ -97,17 +111,15 @@ def main() -> None:
             mine = [r for r in runs if r["dataset"] == name]
             table[name] = {key: statistics.median(r[key] for r in mine)
                            for key in ("w2", "floor", "ratio", "fit_seconds", "nfe")}  # fmt: skip
-            table[name]["ratio_draw0"] = statistics.median(r["draw_ratios"][0] for r in mine)
-            table[name]["control"] = statistics.median(r["control_ratio"] for r in mine)
+            table[name]["control"] = mine[0]["control_ratio"]
+            table[name]["per_seed"] = [r["ratio"] for r in mine]
     print(f"\nmedians over seeds {args.seeds}; sampler: {runs[0]['sampler']}")
-    print(
-        "| dataset | floor W2 | W2 | ratio | ratio, draw 0 alone | data as a model | NFE | "
-        "fit (s) |"
-    )
+    print("| dataset | floor W2 | W2 | ratio | per seed | data as a model | NFE | fit (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in table.items():
         print(f"| {name} | {m['floor']:.4f} | {m['w2']:.4f} | **{m['ratio']:.2f}×** | "
-              f"{m['ratio_draw0']:.2f}× | {m['control']:.2f}× | {m['nfe']:.0f} | "
+              f"{', '.join(f'{x:.2f}' for x in m['per_seed'])} | {m['control']:.2f}× | "
+              f"{m['nfe']:.0f} | "
               f"{m['fit_seconds']:.0f} |")  # fmt: skip
     if args.json:
         summary = {"config": args.config, "extra": extra, "median": table, "runs": runs}
