@@ -92,8 +92,8 @@ class MeanFlow(Objective):
             f"eps={self.eps}, guidance={self.guidance})"
         )
 
-    def check(self, net: nn.Module, path: GaussianConditionalPath) -> None:
-        super().check(net, path)
+    def check(self, net: nn.Module, path: GaussianConditionalPath, coupling=None) -> None:
+        super().check(net, path, coupling)
         if not getattr(net, "interval", False):  # the optional attribute of the Network contract
             raise UsageError(
                 "the MeanFlow objective needs a network with a second time input: set "

@@ -87,19 +87,11 @@ class FlowModule(L.LightningModule):
             )
         if lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        objective.check(net, path)
+        self.coupling = get_coupling(coupling)
+        objective.check(net, path, self.coupling)
         self.net, self.path, self.objective = net, path, objective
         self.sampler = sampler if sampler is not None else EulerSampler(100)
         self.lr_schedule = lr_schedule
-        self.coupling = get_coupling(coupling)
-        if getattr(objective, "needs_independent_coupling", False) and self.coupling.name != (
-            "independent"
-        ):
-            raise UsageError(
-                f"model.coupling {self.coupling.name} needs another objective: {objective!r} "
-                f"weighs the data by the posterior of the independent coupling; pass "
-                f"--model.objective flowdiff.objectives.ConditionalFlowMatching"
-            )
         self.data_shape = list(data_shape) if data_shape is not None else None
         self.num_classes = num_classes
         self.data_info: dict = {}  # the datamodule's description, kept in the checkpoint

@@ -29,8 +29,9 @@ class Objective(Recorded):
         target = path.target(sample, self.prediction)
         return (output - target).square().flatten(1).mean(1)
 
-    def check(self, net: nn.Module, path: GaussianConditionalPath) -> None:
-        """Refuse a network or path this objective cannot train (a UsageError): a score or noise
+    def check(self, net: nn.Module, path: GaussianConditionalPath, coupling=None) -> None:
+        """Refuse a network, path or coupling (:mod:`flowdiff.couplings`, None: the
+        independent one) this objective cannot train (a UsageError): a score or noise
         prediction becomes a velocity through 1 / alpha_t and a score through 1 / beta_t, so at
         t = 0 (alpha = 0) or t = 1 (beta = 0) it would divide by 0."""
         if self.prediction == "velocity":
@@ -113,7 +114,7 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
     label of guidance uses every point). The bank is per process (under DDP, per rank), is filled
     by training batches only (never validation), and is not in the checkpoint: a resumed run
     refills it within ``reference / batch_size`` steps. It needs the independent coupling (the
-    weights are its posterior); the module refuses any other.
+    weights are its posterior); :meth:`check` refuses any other.
 
     Cost: a (B, B + reference) matrix product over the flattened samples a step, in float32
     (float64 for float64 data).
@@ -123,13 +124,20 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
             uses the batch alone.
     """
 
-    needs_independent_coupling = True
-
     def __init__(self, reference: int = 2048):
         if reference < 0:
             raise UsageError(f"stable target needs reference >= 0, got reference={reference}")
         self.reference = int(reference)
         self._bank: tuple[Tensor, Tensor | None] | None = None
+
+    def check(self, net, path, coupling=None) -> None:
+        super().check(net, path, coupling)
+        if coupling is not None and coupling.name != "independent":
+            raise UsageError(
+                f"model.coupling {coupling.name} needs another objective: {self!r} weighs the "
+                f"data by the posterior of the independent coupling; pass "
+                f"--model.objective flowdiff.objectives.ConditionalFlowMatching"
+            )
 
     def loss(self, net, sample, path, y=None, generator=None) -> Tensor:
         null = getattr(net, "num_classes", None) if y is not None else None
