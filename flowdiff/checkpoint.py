@@ -194,6 +194,18 @@ class RunCheckpoint(ModelCheckpoint):
                     shutil.copy(filepath, tmp)
         trainer.strategy.barrier()
 
+    @property
+    def state_key(self) -> str:
+        # Lightning labels every hook call of every callback with its state key (for its
+        # profiler), and ModelCheckpoint's is a repr of its settings: ~10 reprs a training step,
+        # ~1% of a toy step. The same settings give the same key; it is kept until they change.
+        settings = (self.monitor, self.mode, self._every_n_train_steps, self._every_n_epochs,
+                    self._train_time_interval)  # fmt: skip
+        cached = getattr(self, "_state_key_cache", None)
+        if cached is None or cached[0] != settings:
+            cached = self._state_key_cache = (settings, super().state_key)
+        return cached[1]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A run resumed in another directory (moved or copied) is that directory's run now: its
         # last.ckpt is the one to replace. Lightning forgets last_model_path when the directory

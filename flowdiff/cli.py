@@ -30,7 +30,7 @@ from flowdiff.runs import (
     last_checkpoint,
     wandb_logger,
 )
-from flowdiff.utils import UsageError, keep_freed_memory
+from flowdiff.utils import UsageError, keep_freed_memory, skip_nvml_probe_without_driver
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXTRA_SUBCOMMANDS = {
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_warnings()
     lightning_info_to_stdout()
     keep_freed_memory()
+    skip_nvml_probe_without_driver()  # after Lightning's import has set it
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

@@ -64,6 +64,29 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def skip_nvml_probe_without_driver() -> bool:
+    """Drop ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (which importing Lightning sets) on a machine with
+    no NVIDIA driver, where it only costs time.
+
+    Lightning sets it so that ``torch.cuda.is_available()`` asks NVML instead of initializing CUDA
+    (which would forbid CUDA in forked processes). Until CUDA is initialized, PyTorch then loads
+    the NVML library at every call, and Adam's ``step`` makes one call a step: on a CUDA build of
+    PyTorch without the driver, a failed ``dlopen`` a step, ~2% of a toy training step. Without
+    the library PyTorch falls back to the CUDA runtime's count all the same, so the answer, and
+    what a forked process may do, are unchanged. Returns whether it dropped the setting.
+    """
+    import ctypes
+
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1" or not torch.backends.cuda.is_built():
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")  # the library PyTorch loads (torch.cuda)
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        return True
+    return False
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Write a file all at once: yields a temporary path beside ``path`` and, when the block

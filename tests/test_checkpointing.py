@@ -39,3 +39,26 @@ def test_last_checkpoint_is_written_at_every_validation(tmp_path, run_cli):
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 120
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_the_checkpoint_callback_keeps_lightning_state_key_and_follows_its_settings():
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from flowdiff.checkpoint import RunCheckpoint
+
+    def key(cls, **kwargs):  # Lightning's key names the class: compare the settings part
+        return cls(**kwargs).state_key.removeprefix(cls.__name__)
+
+    settings = {"save_last": True, "save_top_k": 0, "train_time_interval": timedelta(minutes=1)}
+    assert key(RunCheckpoint, **settings) == key(ModelCheckpoint, **settings)
+    callback = RunCheckpoint(**settings)
+    first = callback.state_key
+    assert callback.state_key is first  # kept, not rebuilt at every hook call
+    callback._train_time_interval = None  # what flowdiff's CLI does for a step interval
+    callback._every_n_train_steps = 500
+    reference = ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=500)
+    assert callback.state_key.removeprefix("RunCheckpoint") == reference.state_key.removeprefix(
+        "ModelCheckpoint"
+    )

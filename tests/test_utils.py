@@ -38,3 +38,62 @@ def test_the_file_gets_the_permissions_open_would_give(tmp_path, umask):
     finally:
         os.umask(old)
     assert (tmp_path / "samples.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _nvml(monkeypatch, loads: bool, setting: str | None = "1"):
+    import ctypes
+
+    import flowdiff.utils
+
+    def cdll(name, *args, **kwargs):
+        if name == "libnvidia-ml.so.1" and not loads:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(flowdiff.utils.torch.backends.cuda, "is_built", lambda: True)
+    if setting is None:
+        monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", setting)
+
+
+def test_the_nvml_probe_is_dropped_only_where_nvml_cannot_load(monkeypatch):
+    from flowdiff.utils import skip_nvml_probe_without_driver
+
+    _nvml(monkeypatch, loads=False)
+    assert skip_nvml_probe_without_driver()
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+    _nvml(monkeypatch, loads=True)  # a driver: the probe keeps CUDA uninitialized, it stays
+    assert not skip_nvml_probe_without_driver()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    _nvml(monkeypatch, loads=False, setting=None)  # nothing set: nothing to drop
+    assert not skip_nvml_probe_without_driver()
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+
+
+def test_dropping_the_nvml_probe_keeps_torch_cuda_answer(monkeypatch):
+    import torch
+
+    from flowdiff.utils import skip_nvml_probe_without_driver
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    before = torch.cuda.is_available()
+    skip_nvml_probe_without_driver()
+    assert torch.cuda.is_available() == before
+
+
+def test_the_cli_drops_the_nvml_probe_on_a_machine_without_driver(monkeypatch, capsys):
+    import ctypes
+
+    from flowdiff import cli
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        pytest.skip("this machine has NVML: the setting stays")
+    except OSError:
+        pass
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
