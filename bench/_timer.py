@@ -3,6 +3,7 @@ whole flowdiff commands in fresh processes."""
 
 import json
 import os
+import re
 import time
 
 import lightning as L
@@ -50,7 +51,8 @@ def _synchronize(pl_module) -> None:
 
 
 def timed_fit(fit_args: list[str], workdir, warmup: int = 100) -> dict:
-    """Run `flowdiff fit FIT_ARGS` in a fresh process with a StepTimer; its timing."""
+    """Run `flowdiff fit FIT_ARGS` in a fresh process with a StepTimer; its timing (and, for a
+    compiled network, ``compile_seconds``: the first batch, compilation included)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -74,8 +76,14 @@ def timed_fit(fit_args: list[str], workdir, warmup: int = 100) -> dict:
         "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
     }
     env.setdefault("WANDB_MODE", "offline")
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    run = subprocess.run(
+        cmd, env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    timing = json.loads(out.read_text())
+    compiled = re.search(r"network compiled in ([0-9.]+) s", run.stdout)
+    if compiled:  # --model.compile true: the first batch's time, compilation included
+        timing["compile_seconds"] = float(compiled.group(1))
+    return timing
 
 
 class CPUBudget(L.Callback):

@@ -2,7 +2,7 @@
 the share of the CPU's fp32 matmul peak that training reaches, and guided sampling with one
 batched forward against two separate forwards. Run by hand (about 5 minutes on 2 CPU cores):
 
-    python bench/mnist_throughput.py [--steps 40] [--repeats 3] [--json results.json]
+    python bench/mnist_throughput.py [--steps 40] [--repeats 3] [--compiled] [--json results.json]
 
 Needs MNIST in ./data (`make data`). All figures come from this one run:
 
@@ -11,7 +11,8 @@ Needs MNIST in ./data (`make data`). All figures come from this one run:
 - U-Net FLOP per image, forward and forward + backward, from torch's FLOP counter;
 - flowdiff: `flowdiff fit --config mnist.yaml` in a fresh process, images/s timed from step 5 to
   the last step (no validation falls in that window; its cost at the shipped interval is
-  reported separately);
+  reported separately); with ``--compiled``, also `flowdiff fit --model.compile true` (compiled
+  at the first batch, before the timed steps; the compilation time is reported);
 - bare loop: the same U-Net (channels_last), batch, fused Adam and CFM loss with label dropout,
   batches drawn from the same in-memory images, in a fresh process; plain, and with flowdiff's
   malloc setting (`flowdiff.utils.keep_freed_memory`), to separate the two;
@@ -116,7 +117,7 @@ def bare_loop(config: dict, steps: int, allocator: bool) -> dict:
     return {"images": (steps - WARMUP) * batch, "seconds": seconds}
 
 
-def run_flowdiff(steps: int, workdir: Path) -> dict:
+def run_flowdiff(steps: int, workdir: Path, extra=()) -> dict:
     args = [
         "--config",
         "mnist.yaml",
@@ -124,9 +125,10 @@ def run_flowdiff(steps: int, workdir: Path) -> dict:
         str(steps),
         "--trainer.default_root_dir",
         str(workdir / f"run-{time.time_ns()}"),
+        *extra,
     ]
     timing = timed_fit(args, workdir, WARMUP)
-    return {"images": timing["steps"] * 250, "seconds": timing["seconds"]}
+    return {**timing, "images": timing["steps"] * 250}
 
 
 def sampling(config: dict, n: int = 128, steps: int = 50) -> dict:
@@ -161,6 +163,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time `flowdiff fit --model.compile true` (compilation, at the first batch, "
+        "falls before the timed steps)",
+    )
     parser.add_argument("--bare", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from flowdiff.cli import resolve_config
@@ -186,6 +194,17 @@ def main() -> None:
         for i in range(args.repeats):
             fd = run_flowdiff(args.steps, Path(tmp))
             row = {"flowdiff": fd["images"] / fd["seconds"]}
+            if args.compiled:
+                fc = run_flowdiff(args.steps, Path(tmp), ["--model.compile", "true"])
+                row["flowdiff_compiled"] = fc["images"] / fc["seconds"]
+                row["compile_seconds"] = fc.get("compile_seconds", float("nan"))
+                row["ratio_compiled"] = row["flowdiff_compiled"] / row["flowdiff"]
+                print(
+                    f"repeat {i}: flowdiff --model.compile true {row['flowdiff_compiled']:.1f} "
+                    f"images/s ({row['ratio_compiled']:.3f}x eager), first batch "
+                    f"{row['compile_seconds']:.1f} s",
+                    flush=True,
+                )
             for variant in ("plain", "allocator"):
                 cmd = [sys.executable, __file__, "--bare", str(args.steps), variant]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -208,11 +227,20 @@ def main() -> None:
         "unet_gflop_train": train_gflop,
         "median": median,
         "runs": rows,
-        "peak_fraction": {k: median[k] * train_gflop / peak for k in median if "ratio" not in k},
+        "peak_fraction": {
+            k: median[k] * train_gflop / peak for k in median if k.startswith(("flowdiff", "bare"))
+        },
         "sampling_images_per_s": samp,
         "sampling_1000_images_50_steps_s": 1000 / samp["batched"],
     }
     print(f"\ntraining images/s, median of {args.repeats}:")
+    if args.compiled:
+        print(
+            f"  flowdiff_compiled{median['flowdiff_compiled']:7.1f}   "
+            f"{100 * summary['peak_fraction']['flowdiff_compiled']:4.0f}% of peak  "
+            f"compiled / eager {median['ratio_compiled']:.3f} (paired), first batch "
+            f"{median['compile_seconds']:.1f} s"
+        )
     for key in ("flowdiff", "bare_plain", "bare_allocator"):
         ratio = (
             ""

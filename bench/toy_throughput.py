@@ -10,7 +10,11 @@ implementation (what a hand-written loop gets: on a CPU, one small kernel launch
 with the fused implementation that flowdiff's config selects. Steps/s are timed from step 100 to the
 end of training. Run by hand:
 
-    python bench/toy_throughput.py [--repeats 3] [--steps N] [--compiled] [--json results.json]
+    python bench/toy_throughput.py [--repeats 3] [--steps N] [--compiled] [--hidden H] [--json F]
+
+``--hidden 8`` shrinks the MLP in both (flowdiff's run and the bare loop) until its arithmetic is
+next to nothing: the difference of the two step times is then what flowdiff's loop, callbacks and
+logging cost a step, the figure to compare with `bench/lightning_floor.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def load_config(name: str) -> dict:
     from flowdiff.cli import resolve_config
 
     return yaml.safe_load(Path(resolve_config(name)).read_text())
+
+
+def with_hidden(config: dict, hidden: int | None) -> dict:
+    if hidden is not None:
+        config["model"]["net"].setdefault("init_args", {})["hidden"] = hidden
+    return config
 
 
 def bare_loop(config: dict, steps: int, fused: bool) -> dict:
@@ -86,8 +96,9 @@ def run_flowdiff(config_name: str, steps: int | None, workdir: Path, extra=()) -
     return timed_fit(args, workdir, WARMUP)
 
 
-def run_bare(config_name: str, steps: int, variant: str) -> dict:
+def run_bare(config_name: str, steps: int, variant: str, hidden: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--config", config_name, "--bare", str(steps), variant]
+    cmd += ["--hidden", str(hidden)] if hidden is not None else []
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -108,9 +119,15 @@ def main() -> None:
         help="also time `flowdiff fit --model.compile true` (compilation, at the first batch, "
         "falls before the timed steps)",
     )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="the MLP's width in both (default: the config's); 8 leaves the overhead alone",
+    )
     parser.add_argument("--bare", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = with_hidden(load_config(args.config), args.hidden)
     if args.bare is not None:
         steps, variant = int(args.bare[0]), args.bare[1]
         print(json.dumps(bare_loop(config, steps, fused=variant == "fused")))
@@ -119,13 +136,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            fd = run_flowdiff(args.config, args.steps, Path(tmp))
+            extra = (
+                [] if args.hidden is None else ["--model.net.init_args.hidden", str(args.hidden)]
+            )
+            fd = run_flowdiff(args.config, args.steps, Path(tmp), extra)
             row = {"repeat": i, "flowdiff": fd["steps"] / fd["seconds"]}
             if args.compiled:
-                fc = run_flowdiff(args.config, args.steps, Path(tmp), ["--model.compile", "true"])
+                compiled = [*extra, "--model.compile", "true"]
+                fc = run_flowdiff(args.config, args.steps, Path(tmp), compiled)
                 row["flowdiff_compiled"] = fc["steps"] / fc["seconds"]
             for variant in VARIANTS:
-                bare = run_bare(args.config, steps, variant)
+                bare = run_bare(args.config, steps, variant, args.hidden)
                 row[f"bare_{variant}"] = bare["steps"] / bare["seconds"]
                 row[f"ratio_{variant}"] = row["flowdiff"] / row[f"bare_{variant}"]
                 if args.compiled:
@@ -154,6 +175,17 @@ def main() -> None:
             f"{'bare loop, ' + v + ' Adam':34}{median[f'bare_{v}']:9.1f}{median[f'ratio_{v}']:8.3f}"
             + (f"  compiled: {median[f'ratio_compiled_{v}']:.3f}" if args.compiled else "")
         )
+    ms = {v: 1e3 / median[f"bare_{v}"] for v in VARIANTS}
+    summary["ms_per_step"] = {
+        "flowdiff": 1e3 / median["flowdiff"],
+        **{f"bare_{v}": ms[v] for v in ms},
+    }
+    print(
+        f"ms a step: flowdiff {summary['ms_per_step']['flowdiff']:.3f}, "
+        + ", ".join(f"bare ({v} Adam) {ms[v]:.3f}" for v in VARIANTS)
+        + f"; flowdiff - bare (fused Adam) {summary['ms_per_step']['flowdiff'] - ms['fused']:.3f}"
+    )
+    summary["hidden"] = args.hidden
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 
