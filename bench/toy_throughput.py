@@ -56,6 +56,11 @@ def bare_loop(config: dict, steps: int, fused: bool) -> dict:
 
     from flowdiff.data.toy import DATASETS
     from flowdiff.nets.mlp import MLP
+    from flowdiff.utils import skip_nvml_probe_without_driver
+
+    # flowdiff's imports bring Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 along; a loop written by
+    # hand, without Lightning, would not pay for it at every optimizer step.
+    skip_nvml_probe_without_driver()
 
     model_cfg, data_cfg = config["model"], config["data"]["init_args"]
     net = MLP(**model_cfg["net"].get("init_args", {}))
