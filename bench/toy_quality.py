@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -69,15 +68,13 @@ def floors(pool, datamodule, draws: int) -> dict:
 
 
 def exact_field(name: str, path):
-    """The data's exact field when it is a Gaussian mixture: 8 gaussians (``flowdiff.data.toy.
-    eight_gaussians``: std 0.5 around 8 points at radius 4, all divided by 1.414); else None."""
+    """The data's exact field when it is a Gaussian mixture (8 gaussians); else None."""
     if name != "8gaussians":
         return None
+    from flowdiff.data.toy import eight_gaussians_mixture
     from flowdiff.testing import GaussianMixtureField
 
-    angle = torch.arange(8) * (math.pi / 4)
-    means = 4 * torch.stack([torch.cos(angle), torch.sin(angle)], 1) / 1.414
-    return GaussianMixtureField(path, [1 / 8] * 8, means, [0.5 / 1.414] * 8)
+    return GaussianMixtureField(path, *eight_gaussians_mixture())
 
 
 def score(pool, ckpt: Path, name: str, data: dict | None, draws: int) -> tuple[dict, dict]:

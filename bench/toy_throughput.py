@@ -180,15 +180,13 @@ def main() -> None:
             f"{'bare loop, ' + v + ' Adam':34}{median[f'bare_{v}']:9.1f}{median[f'ratio_{v}']:8.3f}"
             + (f"  compiled: {median[f'ratio_compiled_{v}']:.3f}" if args.compiled else "")
         )
-    ms = {v: 1e3 / median[f"bare_{v}"] for v in VARIANTS}
-    summary["ms_per_step"] = {
-        "flowdiff": 1e3 / median["flowdiff"],
-        **{f"bare_{v}": ms[v] for v in ms},
+    ms = summary["ms_per_step"] = {
+        key: 1e3 / median[key] for key in ("flowdiff", *(f"bare_{v}" for v in VARIANTS))
     }
     print(
-        f"ms a step: flowdiff {summary['ms_per_step']['flowdiff']:.3f}, "
-        + ", ".join(f"bare ({v} Adam) {ms[v]:.3f}" for v in VARIANTS)
-        + f"; flowdiff - bare (fused Adam) {summary['ms_per_step']['flowdiff'] - ms['fused']:.3f}"
+        f"ms a step: flowdiff {ms['flowdiff']:.3f}, "
+        + ", ".join(f"bare ({v} Adam) {ms[f'bare_{v}']:.3f}" for v in VARIANTS)
+        + f"; flowdiff - bare (fused Adam) {ms['flowdiff'] - ms['bare_fused']:.3f}"
     )
     summary["hidden"] = args.hidden
     if args.json:

@@ -44,12 +44,23 @@ def circles(n: int, g: Generator) -> tuple[Tensor, Tensor]:
     return 3 * (x + 0.08 * torch.randn(n, 2, generator=g)), y
 
 
+EIGHT_RADIUS, EIGHT_STD, EIGHT_SCALE = 4.0, 0.5, 1.414  # eight_gaussians' shape
+
+
 def eight_gaussians(n: int, g: Generator) -> tuple[Tensor, Tensor]:
     """Eight Gaussians (std 0.5) on a circle of radius 4, divided by 1.414. Labels: which one."""
     y = torch.randint(0, 8, (n,), generator=g)
     angle = y * (math.pi / 4)
-    centers = 4 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    return (centers + 0.5 * torch.randn(n, 2, generator=g)) / 1.414, y
+    centers = EIGHT_RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    return (centers + EIGHT_STD * torch.randn(n, 2, generator=g)) / EIGHT_SCALE, y
+
+
+def eight_gaussians_mixture() -> tuple[Tensor, Tensor, Tensor]:
+    """The mixture :func:`eight_gaussians` draws from: weights (8,), means (8, 2), stds (8,)
+    (e.g. for its exact field, :class:`flowdiff.testing.GaussianMixtureField`)."""
+    angle = torch.arange(8) * (math.pi / 4)
+    means = EIGHT_RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], 1) / EIGHT_SCALE
+    return torch.full((8,), 1 / 8), means, torch.full((8,), EIGHT_STD / EIGHT_SCALE)
 
 
 def checkerboard(n: int, g: Generator) -> tuple[Tensor, Tensor]:
