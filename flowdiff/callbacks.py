@@ -102,17 +102,27 @@ class ValidationSamples(Callback):
             class).
         guidance: guidance scales of a conditional model's pictures (default: 1 and 3 when the
             data has label dropout, else 1; other scales without it are refused).
+        prompts: what a text model's pictures ask for, one row each (default: the first four
+            distinct training captions); W&B gets them as the picture's caption.
     """
 
-    def __init__(self, num_samples: int | None = None, guidance: list[float] | None = None):
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        guidance: list[float] | None = None,
+        prompts: list[str] | None = None,
+    ):
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
             raise UsageError(
                 f"validation.num_samples must be a positive integer, got {num_samples!r}"
             )
         if guidance is not None and any(w < 0 for w in guidance):
             raise UsageError(f"validation.guidance scales must be >= 0, got {guidance}")
+        if prompts is not None and (not prompts or not all(p.strip() for p in prompts)):
+            raise UsageError(f"validation.prompts must be non-empty strings, got {prompts!r}")
         self.num_samples = num_samples
         self.guidance = list(guidance) if guidance is not None else None
+        self.prompts = list(prompts) if prompts is not None else None
 
     def check(self, model, datamodule) -> None:
         """Refuse guidance scales the model cannot honour, before training starts."""
@@ -143,8 +153,16 @@ class ValidationSamples(Callback):
         evaluator = evaluator_of()
         n = self.num_samples or evaluator.validation_samples(pl_module.num_classes)
         size = evaluator.chunk_size  # samples integrated at once: 128 images, 1000 points
-        panels, trajectory, metrics = {}, None, {}
-        if pl_module.conditional:
+        panels, trajectory, metrics, names = {}, None, {}, None
+        if pl_module.reads_text:
+            names = self.prompts or list(dict.fromkeys(trainer.datamodule.captions()))[:4]
+            per_prompt = evaluator.per_class or max(n // len(names), 1)
+            y, index = pl_module.encode_prompts(names, per_prompt)
+            for w in self.scales(pl_module):
+                x = pl_module.sample(len(index), y=y, guidance=w, generator=_seeded(1),
+                                     batch_size=size).x  # fmt: skip
+                panels[f"w = {w:g}"] = (x.float().cpu(), index)
+        elif pl_module.conditional:
             y = evaluator.labels(n).to(pl_module.device)
             for w in self.scales(pl_module):
                 x = pl_module.sample(n, y=y, guidance=w, generator=_seeded(1), batch_size=size).x
@@ -161,14 +179,17 @@ class ValidationSamples(Callback):
         title = f"step {trainer.global_step}" + (
             f"  W2 {metrics['w2']:.3f}" if "w2" in metrics else ""
         )
-        fig = evaluator.figure(panels, trajectory, title)
+        fig = evaluator.figure(panels, trajectory, title, names)
         out_dir = Path(trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         png = out_dir / f"{stage}_step{trainer.global_step:07d}.png"
         save_figure(fig, png)
         log_image = getattr(pl_module.logger, "log_image", None)
         if callable(log_image):
-            log_image(key=f"{stage}/samples", images=[str(png)], step=trainer.global_step)
+            caption = {"caption": ["; ".join(names)]} if names else {}
+            log_image(
+                key=f"{stage}/samples", images=[str(png)], step=trainer.global_step, **caption
+            )
 
 
 def _seeded(seed: int) -> torch.Generator:

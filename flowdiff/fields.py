@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdiff.paths import GaussianConditionalPath, Prediction
+from flowdiff.text.condition import TextCondition
 from flowdiff.utils import UsageError, as_time, expand_like
 
 
@@ -39,6 +40,16 @@ def guide(out_null: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
     return out_null + guidance * (out_cond - out_null)
 
 
+def null_condition(y: Tensor | TextCondition, null_label: int | None) -> Tensor | TextCondition:
+    """The null condition of a batch: the null label, or the null (empty) caption for text."""
+    return y.null_like() if isinstance(y, TextCondition) else torch.full_like(y, null_label)
+
+
+def cat_conditions(a: Tensor | TextCondition, b: Tensor | TextCondition):
+    """Two batches of conditions one after the other (labels or encoded captions)."""
+    return TextCondition.cat([a, b]) if isinstance(a, TextCondition) else torch.cat([a, b])
+
+
 def check_interval(interval) -> tuple[float, float]:
     """``(a, b)`` with ``0 <= a <= b <= 1``, or a UsageError naming the problem."""
     try:
@@ -57,11 +68,13 @@ class ModelField(Field):
         net: network with ``forward(x, t, y=None) -> tensor shaped like x``.
         path: the path it was trained on; converts its prediction to velocity and score.
         prediction: what the network outputs (``velocity``, ``score`` or ``noise``).
-        y: labels (B,) to condition on, or None for an unconditional field.
+        y: labels (B,) or encoded captions (:class:`flowdiff.text.TextCondition`) to condition
+            on, or None for an unconditional field.
         guidance: CFG scale ``w``; with labels, the null and conditional branches are evaluated in
             one batched forward pass of size 2B, combined as ``(1 - w) out(x|null) + w out(x|y)``.
             ``None`` (or 1 with labels) evaluates the conditional branch only, 0 the null branch.
-        null_label: index of the null class (the network's ``num_classes``).
+        null_label: index of the null class (the network's ``num_classes``); for text the null
+            condition is the empty caption (:mod:`flowdiff.text.condition`).
         guidance_interval: ``(a, b)``: guide only at times ``a <= t <= b`` (Kynkäänniemi et al.
             2024); elsewhere the field is the conditional branch alone, one forward of size B.
             The NFE counts field evaluations either way (CFG doubles the batch, not the NFE).
@@ -104,11 +117,11 @@ class ModelField(Field):
                 return net(x, t, self.y, r)
             if inside.all():
                 inside = None
-        null = torch.full_like(self.y, self.null_label)
+        null = null_condition(self.y, self.null_label)
         if self.guidance == 0.0 and inside is None:  # the unconditional field alone: one forward
             return net(x, t, null, r)
         r2 = torch.cat([r, r]) if r is not None else None
-        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, self.y]), r2)
+        out = net(torch.cat([x, x]), torch.cat([t, t]), cat_conditions(null, self.y), r2)
         out_null, out_cond = out.chunk(2)
         guided = guide(out_null, out_cond, self.guidance)
         if inside is None:

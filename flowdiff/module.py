@@ -23,6 +23,7 @@ from flowdiff.inference import InferenceNetwork
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
+from flowdiff.text import TextCondition, TextEncoder
 from flowdiff.utils import UsageError
 
 # The cosine learning-rate schedule moves every 10 optimizer steps: a scheduler step costs ~3% of
@@ -49,6 +50,10 @@ class FlowModule(L.LightningModule):
             couplings of ``flowdiff reflow``, :class:`flowdiff.data.reflow.ReflowDataModule`).
         data_shape: shape of one sample, e.g. ``[2]``; from the datamodule when not given.
         num_classes: number of labels in the data (0: unlabelled); from the datamodule too.
+        text_encoder: for captioned data, how captions become the network's condition
+            (:mod:`flowdiff.text`); the CLI gives captioned data the default
+            :class:`flowdiff.text.TrainedTextEncoder`, trained with the network (a frozen one
+            is not). The network's ``text_dim`` matches its width.
         compile: train the network compiled with ``torch.compile`` (the module's forward is
             compiled in place: the weights, the EMA and checkpoints keep their names and load
             without it). The first step's time, compilation included, is printed.
@@ -68,6 +73,7 @@ class FlowModule(L.LightningModule):
         coupling: Literal["independent", "ot", "ot-sinkhorn", "stored"] | Coupling = "independent",
         data_shape: list[int] | None = None,
         num_classes: int = 0,
+        text_encoder: TextEncoder | None = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -85,11 +91,15 @@ class FlowModule(L.LightningModule):
                 f"the network has {classes} classes but the data has {num_classes}; set "
                 f"model.net.init_args.num_classes to {num_classes} (or 0 for no labels)"
             )
+        check_text(net, text_encoder)
         if lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.coupling = get_coupling(coupling)
         objective.check(net, path, self.coupling)
         self.net, self.path, self.objective = net, path, objective
+        self.text_encoder = text_encoder
+        if text_encoder is not None and not text_encoder.trainable:
+            text_encoder.requires_grad_(False)
         self.sampler = sampler if sampler is not None else EulerSampler(100)
         self.lr_schedule = lr_schedule
         self.data_shape = list(data_shape) if data_shape is not None else None
@@ -108,8 +118,21 @@ class FlowModule(L.LightningModule):
 
     @property
     def conditional(self) -> bool:
-        """Whether the network takes labels (and so has a null label for guidance)."""
-        return bool(getattr(self.net, "num_classes", 0))
+        """Whether the network takes a condition, labels or text (and so has a null one for
+        guidance)."""
+        return bool(getattr(self.net, "num_classes", 0)) or self.reads_text
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the network is conditioned on text (captions, prompts)."""
+        return self.text_encoder is not None
+
+    def condition(self, y) -> Tensor | TextCondition | None:
+        """What the network reads of a batch's ``y``: labels as they are, captions (a list of
+        strings, ``""`` the null caption) encoded; None for an unconditional network."""
+        if self.text_encoder is not None:
+            return self.text_encoder(list(y))
+        return y if self.conditional else None
 
     @property
     def interval(self) -> bool:
@@ -192,7 +215,7 @@ class FlowModule(L.LightningModule):
     def loss(
         self,
         z: Tensor,
-        y: Tensor,
+        y: Tensor | list[str],
         generator: torch.Generator | None = None,
         x_0: Tensor | None = None,
     ) -> Tensor:
@@ -200,10 +223,11 @@ class FlowModule(L.LightningModule):
         ``x_0`` the data stored with it, which the ``stored`` coupling uses)."""
         if z.ndim == 4:
             z = z.contiguous(memory_format=torch.channels_last)
-        y = y if self.conditional else None
+        y = self.condition(y)
         t = self.path.sample_time(z.shape[0], z.device, z.dtype, generator)
         eps = torch.empty_like(z).normal_(generator=generator)  # keeps z's memory format
-        eps = self.coupling(eps, z, y, generator, stored=x_0)  # x_0 for z
+        labels = y if isinstance(y, Tensor) else None  # OT couples within labels, not captions
+        eps = self.coupling(eps, z, labels, generator, stored=x_0)  # x_0 for z
         sample = self.path.sample(z, t, eps)
         return self.objective.loss(self.net, sample, self.path, y, generator).mean()
 
@@ -220,7 +244,7 @@ class FlowModule(L.LightningModule):
         # A fixed generator: the validation loss is comparable from one epoch to the next.
         generator = torch.Generator(z.device).manual_seed(0)
         loss = self.loss(z, y, generator, x_0=batch[2] if len(batch) > 2 else None)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)  # mean over ranks
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(z))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -248,10 +272,19 @@ class FlowModule(L.LightningModule):
     ) -> ModelField:
         """The network as a field for the samplers, guided when labels and a scale are given
         (only for ``a <= t <= b`` with a ``guidance_interval``)."""
-        null = self.net.num_classes if self.conditional else None
+        null = getattr(self.net, "num_classes", 0) if self.conditional else None
         prediction = self.objective.prediction
         net = self.inference if self.inference is not None else self.net
         return ModelField(net, self.path, prediction, y, guidance, null, guidance_interval)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], per_prompt: int) -> tuple[TextCondition, Tensor]:
+        """The condition of ``per_prompt`` samples of each prompt, prompt after prompt, and the
+        index of each sample's prompt (a text model only)."""
+        if self.text_encoder is None:
+            raise UsageError("prompts need a model trained on captions; this one has no text")
+        condition = self.text_encoder(list(prompts)).repeat_interleave(per_prompt)
+        return condition, torch.arange(len(prompts)).repeat_interleave(per_prompt)
 
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """``x_0 ~ N(0, I)`` (num_samples, *data_shape), drawn on the CPU (the same numbers
@@ -264,7 +297,7 @@ class FlowModule(L.LightningModule):
         self,
         num_samples: int,
         sampler: Sampler | None = None,
-        y: Tensor | None = None,
+        y: Tensor | TextCondition | None = None,
         guidance: float | None = None,
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
@@ -307,3 +340,19 @@ class FlowModule(L.LightningModule):
             trajectory = torch.cat([r.trajectory for r in results], dim=1)
         nfe = max(r.nfe for r in results)
         return SampleResult(torch.cat([r.x for r in results]), trajectory, nfe)
+
+
+def check_text(net: nn.Module, text_encoder: TextEncoder | None) -> None:
+    """A network reads text exactly when there is a text encoder, of the encoder's width."""
+    text_dim = int(getattr(net, "text_dim", 0) or 0)
+    if text_encoder is None and text_dim:
+        raise UsageError(
+            f"the network reads text (text_dim {text_dim}) but the model has no text encoder; "
+            "set model.text_encoder (captioned data gets flowdiff.text.TrainedTextEncoder)"
+        )
+    if text_encoder is not None and text_dim != text_encoder.dim:
+        what = "reads no text" if not text_dim else f"reads text of width {text_dim}"
+        raise UsageError(
+            f"the network {what} but the text encoder gives width {text_encoder.dim}; set "
+            f"model.net.init_args.text_dim {text_encoder.dim} (a network that takes text_dim)"
+        )

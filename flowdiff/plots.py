@@ -110,7 +110,8 @@ def plot_image_grids(grids: dict[str, tuple[Tensor, list]], title: str = "") -> 
     height, width = first.shape[-2:]
     dpi, zoom = 100, max(1.0, min(4.0, 800 / max(height, width)))
     w, h = width * zoom / dpi, height * zoom / dpi  # inches a panel
-    margin = 0.9 if names else 0.1  # inches left of each panel, for the class names
+    # Inches left of each panel, for the row names (class names, prompts): ~0.07 a character.
+    margin = max([0.9] + [0.15 + 0.07 * len(text) for _, text in names]) if names else 0.1
     top, bottom = (0.8 if title else 0.4), 0.1
     fig_w, fig_h = len(grids) * (w + margin) + 0.1, h + top + bottom
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,20 @@ def build_parser() -> ArgumentParser:
     )
     add = parser.add_argument
     add("--ckpt", type=str, required=True, help="Checkpoint written by flowdiff fit.")
-    add("--num-samples", type=PositiveInt, default=2000, help="Number of unconditional samples.")
+    add(
+        "--num-samples",
+        type=PositiveInt | None,
+        default=None,
+        help="Number of unconditional samples (default 2000), or of samples per prompt "
+        "(default: 8 for images).",
+    )
+    add(
+        "--prompt",
+        type=list[str] | None,
+        default=None,
+        help="A text model's prompt; repeat the flag for several (one grid row each).",
+    )
+    add("--prompts-file", type=str | None, default=None, help="A file of prompts, one a line.")
     add(
         "--sampler",
         type=str | None,
@@ -109,18 +123,72 @@ def build_parser() -> ArgumentParser:
     return parser  # fmt: skip
 
 
+DEFAULT_SAMPLES = 2000
+
+
 def plan_labels(cfg, model, evaluator) -> tuple[torch.Tensor | None, list]:
     """The labels to condition on (None: unconditional) and the guidance scales."""
     check_guidance(model, cfg.guidance, cfg.labels)
     if cfg.guidance is None and cfg.labels is None:
         return None, [None]
     labels = cfg.labels if cfg.labels is not None else list(range(model.net.num_classes))
-    per_class = cfg.per_class or evaluator.per_class or max(cfg.num_samples // len(labels), 1)
+    num_samples = cfg.num_samples or DEFAULT_SAMPLES
+    per_class = cfg.per_class or evaluator.per_class or max(num_samples // len(labels), 1)
     return torch.tensor(labels).repeat_interleave(per_class), list(cfg.guidance or [1.0])
 
 
+def read_prompts(cfg, model) -> list[str] | None:
+    """The prompts of ``--prompt`` and ``--prompts-file``, in that order (None: none given);
+    one line for a prompt the model cannot take, a warning for what it reads imperfectly."""
+    if model.reads_text and cfg.labels is not None:
+        raise UsageError("--labels: this model conditions on text; use --prompt TEXT instead")
+    prompts = list(cfg.prompt or [])
+    if cfg.prompts_file is not None:
+        try:
+            lines = Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(
+                f"--prompts-file {cfg.prompts_file!r}: cannot read it ({err})"
+            ) from err
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file {cfg.prompts_file!r} holds no prompt")
+    if not prompts and cfg.prompt is None and cfg.prompts_file is None:
+        if model.reads_text and cfg.guidance is not None:
+            raise UsageError("guidance on a text model needs prompts: pass --prompt TEXT")
+        return None
+    if not model.reads_text:
+        fix = "use --labels with class names or indices" if model.conditional else "drop it"
+        raise UsageError(f"--prompt: this model was not trained on captions; {fix}")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("--prompt: an empty prompt (the null caption is guidance w = 0)")
+    check_guidance(model, cfg.guidance)
+    for warning in model.text_encoder.prompt_warnings(prompts):
+        print(f"flowdiff: warning: {warning}", file=sys.stderr)
+    return prompts
+
+
+def split_prompts(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``--prompt TEXT`` (or ``--prompt=TEXT``) may be repeated: the prompts, and the rest."""
+    rest, prompts = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--prompt":
+            value = next(args, None)
+            if value is None:
+                raise UsageError("--prompt needs a text")
+            prompts.append(value)
+        elif arg.startswith("--prompt="):
+            prompts.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, (prompts or None)
+
+
 def sample_main(argv: list[str]) -> Path:
+    argv, prompts = split_prompts(argv)
     cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
+    cfg.prompt = prompts
     cfg.guidance = plain(cfg.guidance, float)
     grid = parse_grid(cfg.grid) if cfg.grid is not None else None
     interval = (parse_intervals(cfg.guidance_interval) or [None])[0]
@@ -141,7 +209,8 @@ def sample_main(argv: list[str]) -> Path:
     if run.datamodule is None:
         raise UsageError(f"{str(ckpt_path)!r} records no datamodule (nothing says what to draw)")
     evaluator = run.datamodule.evaluator()
-    y, scales = plan_labels(cfg, model, evaluator)
+    prompts = read_prompts(cfg, model)
+    y, scales = plan_labels(cfg, model, evaluator) if prompts is None else (None, None)
     check_interval_use(cfg.guidance_interval, cfg.guidance is not None)
 
     default = ckpt_path.resolve().parent.parent / "samples" / f"{sampler.label}-seed{cfg.seed}"
@@ -158,9 +227,14 @@ def sample_main(argv: list[str]) -> Path:
         raise UsageError(f"cannot write to output directory {str(out)!r}: permission denied")
 
     model.to(device)
+    names = None  # what each label asks for: prompts
+    if prompts is not None:
+        per_prompt = cfg.num_samples or cfg.per_class or evaluator.per_class or DEFAULT_SAMPLES
+        y, index = model.encode_prompts(prompts, per_prompt)
+        scales, names = list(cfg.guidance or [1.0]), prompts
     precision = resolve_precision(cfg.precision, run.checkpoint.get("precision"), device)
     model.inference = InferenceNetwork(model.net, precision, cfg.compile)
-    n = len(y) if y is not None else cfg.num_samples
+    n = len(y) if y is not None else (cfg.num_samples or DEFAULT_SAMPLES)
     trajectory = evaluator.trajectories and y is None
     results, start = [], time.perf_counter()
     for w in scales:
@@ -185,7 +259,8 @@ def sample_main(argv: list[str]) -> Path:
     nfe = max(r.nfe for r in results)
     payload = {
         "samples": samples[0] if y is None else samples,
-        "labels": y,
+        "labels": y if names is None else None,
+        "prompts": [prompts[i] for i in index] if names is not None else None,
         "guidance": scales if y is not None else None,
         "guidance_interval": list(interval) if interval is not None else None,
         "nfe": nfe,
@@ -195,11 +270,12 @@ def sample_main(argv: list[str]) -> Path:
         "device": str(device),
         "precision": precision,
     }
-    names = [f"w = {w:g}" if w is not None else "" for w in scales]
-    panels = {name: (s, y) for name, s in zip(names, samples, strict=True)}
+    panel_names = [f"w = {w:g}" if w is not None else "" for w in scales]
+    rows = index if prompts is not None else y
+    panels = {name: (s, rows) for name, s in zip(panel_names, samples, strict=True)}
     path = results[0].trajectory.float().cpu() if trajectory else None
     limited = f", guided for {interval[0]:g} <= t <= {interval[1]:g}" if interval else ""
-    fig = evaluator.figure(panels, path, title=f"{sampler!r} (NFE {nfe}{limited})")
+    fig = evaluator.figure(panels, path, title=f"{sampler!r} (NFE {nfe}{limited})", names=names)
     # Each file appears whole; the samples only once the picture is written (an existing pair
     # stays as it was if either fails).
     from flowdiff.plots import save_figure

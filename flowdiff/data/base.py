@@ -24,28 +24,41 @@ if TYPE_CHECKING:
 
 class FlowDataModule(L.LightningDataModule):
     """Base class of flowdiff's datamodules: batches ``(x, y)`` with x (B, *data_shape) and
-    y (B,) integer labels (zeros when the data has none).
+    y (B,) integer labels (zeros when the data has none), or for captioned data a list of B
+    captions (strings).
 
     A subclass calls ``save_hyperparameters()`` in its ``__init__`` (its arguments are how a
     checkpoint rebuilds it) and sets:
 
     - ``data_shape``: the shape of one sample, e.g. ``(2,)`` or ``(1, 28, 28)``;
     - ``num_classes``: the number of labels (0: unlabelled); ``class_names`` optionally;
+    - ``captioned``: True when ``y`` is captions (and then :meth:`captions` lists the training
+      captions, from which a text encoder builds its vocabulary or its cache);
     - ``p_uncond``: the label-dropout probability for classifier-free guidance;
     - ``stores_noise``: True when batches are ``(x, y, x_0)``, each sample with the noise it is
       paired with (reflow couplings, the ``stored`` coupling).
 
     and implements :meth:`reference` (held-out data, for the floor of the metrics) and
-    :meth:`evaluator` (the metric suite that fits the data). Label dropout is applied here, once,
-    to training batches only.
+    :meth:`evaluator` (the metric suite that fits the data). Label (and caption) dropout is applied
+    here, once, to training batches only.
     """
 
     data_shape: tuple[int, ...] = ()
     num_classes: int = 0
     class_names: list[str] | None = None
     p_uncond: float = 0.0
+    captioned: bool = False  # y is a list of captions (strings), not labels
     stores_noise: bool = False  # batches are (x, y, x_0): the noise stored with each sample
     recorded: dict | None = None  # what a checkpoint recorded of this data (describe()), if any
+
+    @property
+    def conditioning(self) -> str:
+        """What the data conditions on: ``none``, ``classes`` or ``text``."""
+        return "text" if self.captioned else ("classes" if self.num_classes else "none")
+
+    def captions(self) -> list[str]:
+        """Every training caption (captioned data only), in a fixed order."""
+        raise NotImplementedError(f"{type(self).__name__} has no captions")
 
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` held-out samples (in the model's value range) and their labels, chosen by
@@ -103,6 +116,7 @@ class FlowDataModule(L.LightningDataModule):
             "num_classes": int(self.num_classes),
             "class_names": list(self.class_names) if self.class_names else None,
             "p_uncond": float(self.p_uncond),
+            "conditioning": self.conditioning,
         }
 
 

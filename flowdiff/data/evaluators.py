@@ -119,8 +119,15 @@ class Evaluator:
         """Cheap metrics logged at each validation (none unless the data has some)."""
         return {}
 
-    def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
-        """A picture of ``panels`` (name -> (samples, labels or None))."""
+    def figure(
+        self,
+        panels: dict,
+        trajectory: Tensor | None = None,
+        title: str = "",
+        names: list[str] | None = None,
+    ):
+        """A picture of ``panels`` (name -> (samples, labels or None)); ``names[k]`` says what
+        label k asked for (default: the class names; prompts for a text model)."""
         raise NotImplementedError
 
 
@@ -182,7 +189,7 @@ class PointEvaluator(Evaluator):
         data = self.reference(len(samples), VALIDATION_SEED)[0]
         return {"w2": wasserstein2(samples, data), "mmd": mmd(samples, data, BANDWIDTHS)}
 
-    def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
+    def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
         from flowdiff.plots import plot_labelled_points, plot_points
 
         def plane(x: Tensor) -> Tensor:  # points of any dimension: the first two coordinates

@@ -175,11 +175,11 @@ class ImageEvaluator(Evaluator):
             out["labels"] = f"sample i asks for class i mod {self.num_classes}"
         return out
 
-    def figure(self, panels: dict, trajectory: Tensor | None = None, title: str = ""):
+    def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
         from flowdiff.plots import labelled_grid, plot_image_grids
 
         grids = {
-            name: labelled_grid(images, labels, self.class_names)
+            name: labelled_grid(images, labels, names or self.class_names)
             for name, (images, labels) in panels.items()
         }
         return plot_image_grids(grids, title=title)

@@ -1,7 +1,9 @@
-"""Labelled pairs from a tensor file: ``x`` (N, any shape) and optionally ``y`` (N,) labels.
+"""Labelled or captioned pairs from a tensor file: ``x`` (N, any shape) and optionally ``y`` (N,)
+labels or ``text`` (N captions).
 
-- ``.pt``: a dict with ``x`` (and ``y``, optionally ``class_names``), or a tensor (x alone);
-- ``.npz``: arrays ``x`` (and ``y``, optionally ``class_names``);
+- ``.pt``: a dict with ``x`` (and ``y``, optionally ``class_names``, or ``text``: a list of
+  strings), or a tensor (x alone);
+- ``.npz``: arrays ``x`` (and ``y``, optionally ``class_names``, or ``text``: strings);
 - ``.npy``: one array, x alone.
 
 ``x`` as **uint8 (N, C, H, W)** is images (pixel levels 0..255, mapped to [-1, 1]; the image
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from flowdiff.data.base import FlowDataModule, check_arguments
 from flowdiff.data.batches import Batches
+from flowdiff.data.captions import CaptionTable
 from flowdiff.data.evaluators import EvalOptions, Evaluator, PointEvaluator
 from flowdiff.utils import UsageError
 
@@ -30,9 +33,9 @@ def _as_tensor(value) -> Tensor:
     return value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
 
 
-def read_pairs(path: str | Path) -> tuple[Tensor, Tensor | None, list[str] | None]:
-    """``(x, y or None, class names or None)`` of a tensor file; a UsageError for a file that
-    is missing, of another kind, or without ``x``."""
+def read_pairs(path: str | Path) -> tuple[Tensor, Tensor | list[str] | None, list[str] | None]:
+    """``(x, y or captions or None, class names or None)`` of a tensor file; a UsageError for a
+    file that is missing, of another kind, without ``x``, or with both ``y`` and ``text``."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise UsageError(f"data.path {str(path)!r}: expected a {', '.join(SUFFIXES)} file")
@@ -56,14 +59,26 @@ def read_pairs(path: str | Path) -> tuple[Tensor, Tensor | None, list[str] | Non
     names = content.get("class_names")
     names = [str(n) for n in names] if names is not None else None
     y = content.get("y")
+    if content.get("text") is not None:
+        if y is not None:
+            raise UsageError(f"data.path {str(path)!r} holds both labels y and captions text")
+        text = content["text"]
+        if isinstance(text, str) or not all(isinstance(c, str) for c in list(text)):
+            raise UsageError(f"data.path {str(path)!r}: text must be a list of strings")
+        return _as_tensor(content["x"]), [str(c) for c in text], None
     return _as_tensor(content["x"]), (_as_tensor(y) if y is not None else None), names
 
 
-def check_pairs(x: Tensor, y: Tensor | None, where: str) -> None:
+def check_pairs(x: Tensor, y: Tensor | list[str] | None, where: str) -> None:
     if x.dim() < 2 or len(x) < 2:
         raise UsageError(f"{where}: x must be (N, ...) with N >= 2 samples, got {tuple(x.shape)}")
     if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UsageError(f"{where}: x must be float (points) or uint8 images, got {x.dtype}")
+    if isinstance(y, list):
+        if len(y) != len(x):
+            raise UsageError(f"{where}: text must hold one caption per sample: {len(x)} samples, "
+                             f"{len(y)} captions")  # fmt: skip
+        return
     if y is None:
         return
     if y.dim() != 1 or len(y) != len(x):
@@ -84,7 +99,8 @@ class TensorPairsDataModule(FlowDataModule):
 
     Args:
         path: the ``.pt``, ``.npz`` or ``.npy`` file.
-        p_uncond: label dropout probability for classifier-free guidance (labelled data).
+        p_uncond: label (caption) dropout probability for classifier-free guidance (labelled or
+            captioned data).
         batch_size: batch size of all loaders.
         val_fraction: share of the samples held out (at least one).
         seed: seed of the held-out split and of the training order.
@@ -107,20 +123,28 @@ class TensorPairsDataModule(FlowDataModule):
         check_pairs(x, y, f"data.path {str(path)!r}")
         self.images = x.dtype == torch.uint8 and x.dim() == 4
         self.x = x
-        self.y = y.long() if y is not None else torch.zeros(len(x), dtype=torch.long)
+        self.captioned = isinstance(y, list)
+        if self.captioned:
+            self.y = CaptionTable([[caption] for caption in y], seed)
+            y = None
+        else:
+            self.y = y.long() if y is not None else torch.zeros(len(x), dtype=torch.long)
         self.num_classes = int(self.y.max()) + 1 if y is not None else 0
         if names is not None and len(names) != self.num_classes:
             raise UsageError(
                 f"data.path {str(path)!r}: {len(names)} class_names for {self.num_classes} classes"
             )
         self.class_names = names or ([str(k) for k in range(self.num_classes)] or None)
-        self.p_uncond = float(p_uncond) if self.num_classes else 0.0
+        self.p_uncond = float(p_uncond) if self.num_classes or self.captioned else 0.0
         self.data_shape = tuple(x.shape[1:])
         n_val = max(1, int(np.ceil(val_fraction * len(x))))
         if n_val >= len(x):
             raise UsageError(f"data.val_fraction {val_fraction} of {len(x)} samples leaves none")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         self.train_rows, self.val_rows = perm[n_val:].sort().values, perm[:n_val].sort().values
+
+    def captions(self) -> list[str]:
+        return self.y.index_select(0, self.train_rows) if self.captioned else super().captions()
 
     def _convert(self, x: Tensor) -> Tensor:
         from flowdiff.metrics.pixels import pixels_to_float
@@ -143,7 +167,7 @@ class TensorPairsDataModule(FlowDataModule):
         """``n`` of ``rows`` in a seeded order (cycling through them when n is larger)."""
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
         pick = rows[order.repeat(-(-n // len(rows)))[:n]]
-        return self._convert(self.x[pick]), self.y[pick]
+        return self._convert(self.x[pick]), self.y.index_select(0, pick)
 
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` held-out samples (chosen by ``seed``; each once while n allows) and labels."""

@@ -11,6 +11,11 @@ Layout for ``patch_size=4`` on a 28x28 grey image::
 The condition ``c = time embedding + label embedding`` (null label for CFG) sets every block's
 LayerNorm shift and scale and a gate on each residual branch. The gates and the final projection
 start at zero (adaLN-Zero): every block starts as the identity and the output at 0.
+
+A text-conditioned DiT (``text_dim`` > 0) adds the pooled text to c and reads the text tokens one
+of three ways (``text_mode``): ``pooled`` (adaLN only), ``cross`` (PixArt-alpha: self-attention,
+cross-attention to the tokens, MLP in each block) or ``joint`` (MM-DiT as in SD3: a text stream
+with its own weights, one attention over both streams). See :mod:`flowdiff.nets.transformer`.
 """
 
 from __future__ import annotations
@@ -24,14 +29,11 @@ from torch import Tensor, nn
 
 from flowdiff.config import Recorded
 from flowdiff.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+from flowdiff.nets.text import TEXT_MODES, TextEmbedder
+from flowdiff.nets.transformer import DiTBlock, JointBlock, modulate
 from flowdiff.utils import UsageError
 
 POS_EMBEDS = ("sincos", "learned")
-
-
-def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """``h * (1 + scale) + shift`` per sample: h (B, N, E); shift, scale (B, E)."""
-    return h * (1 + scale[:, None]) + shift[:, None]
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
@@ -47,54 +49,6 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
     cols = torch.arange(grid_w, dtype=torch.float64)[None, :].expand(grid_h, grid_w).reshape(-1)
     a, b = rows[:, None] * omega[None], cols[:, None] * omega[None]
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1).float()
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the tokens of each sample (never across the batch)."""
-
-    def __init__(self, hidden: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, h: Tensor) -> Tensor:
-        """h: (B, N, E). Returns (B, N, E)."""
-        q, k, v = rearrange(
-            self.qkv(h), "b n (three heads d) -> three b heads n d", three=3, heads=self.num_heads
-        )
-        a = F.scaled_dot_product_attention(q, k, v)
-        return self.out(rearrange(a, "b heads n d -> b n (heads d)"))
-
-
-class DiTBlock(nn.Module):
-    """``h += g1 * Attn(mod(LN(h), b1, s1)); h += g2 * MLP(mod(LN(h), b2, s2))``.
-
-    ``(b1, s1, g1, b2, s2, g2) = Linear(SiLU(c))``, zero at initialisation (adaLN-Zero).
-
-    Args:
-        hidden: token width E.
-        num_heads: attention heads; they divide E.
-        mlp_hidden: width of the MLP's hidden layer.
-    """
-
-    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, num_heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp_hidden),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(mlp_hidden, hidden),
-        )
-        self.adaln = nn.Linear(hidden, 6 * hidden)
-
-    def forward(self, h: Tensor, c: Tensor) -> Tensor:
-        """h: (B, N, E); c: (B, E), already through SiLU. Returns (B, N, E)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=1)
-        h = h + gate1[:, None] * self.attn(modulate(self.norm1(h), shift1, scale1))
-        return h + gate2[:, None] * self.mlp(modulate(self.norm2(h), shift2, scale2))
 
 
 class DiT(Recorded, nn.Module):
@@ -116,6 +70,10 @@ class DiT(Recorded, nn.Module):
             ``num_classes`` is the null label, for classifier-free guidance and when y is None.
             None: as many as the data has under the CLI (``flowdiff.nets.base``), 0 otherwise.
         pos_embed: ``sincos`` (fixed 2D sines and cosines) or ``learned``.
+        text_dim: width of the text encoder's embeddings (0: the network reads no text). Set
+            from the text encoder under the CLI. ``y`` is then a
+            :class:`flowdiff.text.TextCondition` (None or an empty caption: the null caption).
+        text_mode: how text tokens enter: ``pooled``, ``cross`` or ``joint`` (module docstring).
     """
 
     def __init__(
@@ -129,6 +87,8 @@ class DiT(Recorded, nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int | None = None,
         pos_embed: Literal["sincos", "learned"] = "sincos",
+        text_dim: int = 0,
+        text_mode: Literal["pooled", "cross", "joint"] = "cross",
     ):
         super().__init__()
         num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
@@ -137,13 +97,16 @@ class DiT(Recorded, nn.Module):
             in_channels, size, patch_size, hidden, depth, num_heads, mlp_ratio, num_classes,
             pos_embed,
         )  # fmt: skip
+        _check_text(num_classes, text_dim, text_mode)
         self.in_channels, self.image_size, self.patch_size = in_channels, size, patch_size
-        self.num_classes = num_classes
+        self.num_classes, self.text_dim, self.text_mode = num_classes, text_dim, text_mode
         self.grid = (size[0] // patch_size, size[1] // patch_size)
         patch_dim = patch_size * patch_size * in_channels
 
         self.time_embed = SinusoidalTimeEmbedding(hidden)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes else None
+        reads_tokens = text_mode != "pooled"
+        self.text_embed = TextEmbedder(text_dim, hidden, reads_tokens) if text_dim else None
         self.patch_embed = nn.Linear(patch_dim, hidden)
         tokens = self.grid[0] * self.grid[1]
         if pos_embed == "sincos":
@@ -151,9 +114,16 @@ class DiT(Recorded, nn.Module):
             self.register_buffer("pos", sincos_2d(*self.grid, hidden), persistent=False)
         else:
             self.pos = nn.Parameter(0.02 * torch.randn(tokens, hidden))
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden, num_heads, int(hidden * mlp_ratio)) for _ in range(depth)
-        )
+        width = int(hidden * mlp_ratio)
+        if text_dim and text_mode == "joint":
+            self.blocks = nn.ModuleList(
+                JointBlock(hidden, num_heads, width, last=i == depth - 1) for i in range(depth)
+            )
+        else:
+            cross = bool(text_dim) and text_mode == "cross"
+            self.blocks = nn.ModuleList(
+                DiTBlock(hidden, num_heads, width, cross) for _ in range(depth)
+            )
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Linear(hidden, 2 * hidden)
         self.output = nn.Linear(hidden, patch_dim)
@@ -164,12 +134,14 @@ class DiT(Recorded, nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for linear in [*(block.adaln for block in self.blocks), self.final_adaln, self.output]:
+        zero = [linear for block in self.blocks for linear in block.zero_init()]
+        for linear in [*zero, self.final_adaln, self.output]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes] or None (null).
+    def forward(self, x: Tensor, t: Tensor, y=None) -> Tensor:
+        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes], a
+        :class:`flowdiff.text.TextCondition` for a text network, or None (null).
 
         Returns (B, C, H, W).
         """
@@ -185,6 +157,10 @@ class DiT(Recorded, nn.Module):
         c = self.time_embed(t)
         if self.label_embed is not None:
             c = c + self.label_embed(y, x.shape[0])
+        text = mask = None
+        if self.text_embed is not None:
+            text, mask, pooled = self.text_embed(y, x.shape[0])
+            c = c + pooled
         # Every modulation starts with a SiLU: apply it once here.
         c = F.silu(c)
 
@@ -192,12 +168,24 @@ class DiT(Recorded, nn.Module):
         h = rearrange(x, "b c (gh p1) (gw p2) -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
         h = self.patch_embed(h) + self.pos
         for block in self.blocks:
-            h = block(h, c)
+            h, text = block(h, c, text, mask)
         shift, scale = self.final_adaln(c).chunk(2, dim=1)
         h = self.output(modulate(self.final_norm(h), shift, scale))
         return rearrange(
             h, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=self.grid[0], p1=p, p2=p
         )
+
+
+def _check_text(num_classes: int, text_dim: int, text_mode: str) -> None:
+    if text_dim < 0:
+        raise UsageError(f"text_dim must be >= 0 (0: no text), got {text_dim}")
+    if text_dim and num_classes:
+        raise UsageError(
+            f"a network conditions on labels or on text, not both (num_classes {num_classes}, "
+            f"text_dim {text_dim})"
+        )
+    if text_mode not in TEXT_MODES:
+        raise UsageError(f"unknown text_mode {text_mode!r}; expected one of {list(TEXT_MODES)}")
 
 
 def _check_config(

@@ -1,0 +1,8 @@
+"""Text conditioning: encoders (strings -> token embeddings, mask, pooled vector), the word
+tokenizer of the default encoder, and the condition networks read."""
+
+from flowdiff.text.condition import TextCondition
+from flowdiff.text.encoders import TextEncoder, TrainedTextEncoder
+from flowdiff.text.tokenizer import WordTokenizer
+
+__all__ = ["TextCondition", "TextEncoder", "TrainedTextEncoder", "WordTokenizer"]
