@@ -150,6 +150,8 @@ class FlowModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         describe_data = getattr(datamodule, "describe", None)
         self.check_data(datamodule)
+        if self.text_encoder is not None and getattr(datamodule, "captioned", False):
+            self.text_encoder.prepare(datamodule.captions())  # a frozen encoder's cache
         if callable(describe_data):
             self.data_info = describe_data()
             if self.data_shape is None:
