@@ -99,6 +99,23 @@ class MeanFlow(Objective):
                 "the MeanFlow objective needs a network with a second time input: set "
                 "model.net.init_args.interval true"
             )
+        if self.guidance != 1.0 and not getattr(net, "num_classes", 0):
+            raise UsageError(
+                f"model.objective.init_args.guidance {self.guidance:g} mixes in the field of the "
+                "null label, and this network has no labels (num_classes 0); set "
+                "model.objective.init_args.guidance 1, or model.net.init_args.num_classes"
+            )
+
+    def check_data(self, datamodule) -> None:
+        """Guidance above 1 mixes in the null label's field, which only label dropout trains."""
+        p_uncond = float(getattr(datamodule, "p_uncond", 0.0))
+        if self.guidance != 1.0 and not p_uncond > 0:
+            raise UsageError(
+                f"model.objective.init_args.guidance {self.guidance:g} mixes in the unconditional "
+                f"field, and this data has p_uncond = {p_uncond:g} (no label dropout: the null "
+                "label is never trained); set --data.init_args.p_uncond 0.1 or "
+                "model.objective.init_args.guidance 1"
+            )
 
     def end_time(self, t: Tensor, path: GaussianConditionalPath, generator=None) -> Tensor:
         """The interval's other end ``r >= t`` (B,) for training times ``t`` (B,)."""

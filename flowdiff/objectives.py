@@ -48,6 +48,10 @@ class Objective(Recorded):
                 f"(beta_1 = 0), got t_max={path.t_max}; try 0.999"
             )
 
+    def check_data(self, datamodule) -> None:
+        """Refuse data this objective cannot train on (a UsageError), before training starts;
+        ``datamodule`` states the data contract (:mod:`flowdiff.data.base`). None here."""
+
     def loss(
         self,
         net: nn.Module,

@@ -181,6 +181,22 @@ def test_guided_velocity_mixes_in_the_null_branch_for_labelled_samples():
     assert torch.equal(MeanFlow().velocity(Recorder(), sample, path, y), v)
 
 
+def test_training_time_guidance_needs_labels_and_label_dropout():
+    """Guidance above 1 mixes in the null label's field: refused on a network without labels
+    (it would be ignored) and on data without label dropout (the null branch never trains)."""
+    path, guided = exact_path("linear"), MeanFlow(guidance=2.0)
+    with pytest.raises(UsageError, match=r"guidance 2 mixes .* no labels \(num_classes 0\)"):
+        guided.check(MLP(2, hidden=8, depth=1, interval=True), path)
+    net = MLP(2, hidden=8, depth=1, num_classes=2, interval=True)
+    guided.check(net, path)  # labels: the data decides
+    data = ToyDataModule("moons", batch_size=8)
+    with pytest.raises(UsageError, match=r"guidance 2 .* p_uncond = 0 \(no label dropout"):
+        guided.check_data(data)
+    guided.check_data(ToyDataModule("moons", batch_size=8, p_uncond=0.1))
+    MeanFlow().check_data(data)  # no guidance: nothing needs the null label
+    MeanFlow().check(MLP(2, hidden=8, depth=1, interval=True), path)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_sampler_is_exact_with_the_exact_average_velocity(steps):
     path = exact_path("cosine")
