@@ -122,6 +122,9 @@ class TensorPairsDataModule(FlowDataModule):
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         self.train_rows, self.val_rows = perm[n_val:].sort().values, perm[:n_val].sort().values
 
+    def training_labels(self) -> Tensor:
+        return self.y[self.train_rows]
+
     def _convert(self, x: Tensor) -> Tensor:
         from flowdiff.metrics.pixels import pixels_to_float
 
