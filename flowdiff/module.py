@@ -23,6 +23,7 @@ from flowdiff.inference import InferenceNetwork
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
+from flowdiff.speed import choose, device_kind
 from flowdiff.utils import UsageError
 
 # The cosine learning-rate schedule moves every 10 optimizer steps: a scheduler step costs ~3% of
@@ -51,7 +52,10 @@ class FlowModule(L.LightningModule):
         num_classes: number of labels in the data (0: unlabelled); from the datamodule too.
         compile: train the network compiled with ``torch.compile`` (the module's forward is
             compiled in place: the weights, the EMA and checkpoints keep their names and load
-            without it). The first step's time, compilation included, is printed.
+            without it). The first step's time, compilation included, is printed. ``auto``:
+            when training starts, by the rule of :mod:`flowdiff.speed` for the trainer's
+            precision and device (on with bf16 on an AMX CPU); the checkpoint records the
+            outcome (``checkpoint["compile"]``).
 
     Built in plain Python with flowdiff's components (or any :class:`flowdiff.config.Recorded`),
     it writes checkpoints that ``flowdiff sample`` and ``evaluate`` rebuild, as the CLI's do.
@@ -68,7 +72,7 @@ class FlowModule(L.LightningModule):
         coupling: Literal["independent", "ot", "ot-sinkhorn", "stored"] | Coupling = "independent",
         data_shape: list[int] | None = None,
         num_classes: int = 0,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -148,8 +152,10 @@ class FlowModule(L.LightningModule):
             hparams.setdefault(part, getattr(self, part))
         checkpoint["hyper_parameters"] = describe(hparams)  # data, never objects
         checkpoint["data"] = {**self.data_info, "data_shape": self.data_shape}
-        if self._trainer is not None:  # the default precision of flowdiff sample on a GPU
+        if self._trainer is not None:  # what the run trained with (flowdiff.speed)
             checkpoint["precision"] = str(self._trainer.precision)
+        if self.compile_net != "auto":
+            checkpoint["compile"] = bool(self.compile_net)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.data_info = dict(checkpoint.get("data") or {})
@@ -172,6 +178,9 @@ class FlowModule(L.LightningModule):
     # -- training -------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.compile_net == "auto":
+            precision = str(self.trainer.precision)
+            self.compile_net = choose(precision, "auto", device_kind(self.device)).compile
         if self.compile_net:  # after the EMA callback has copied the module (setup)
             self.net.compile()
 
