@@ -32,7 +32,9 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from flowdiff.evaluate.sharding import chunk_generator, make_fabric
 from flowdiff.flags import check_guidance, check_samplers
+from flowdiff.inference import InferenceNetwork, add_network_flags
 from flowdiff.samplers import parse_grid, with_args
+from flowdiff.speed import choose, device_kind
 from flowdiff.utils import UsageError, atomic_path
 
 MANIFEST = "manifest.json"
@@ -78,7 +80,8 @@ def build_parser() -> ArgumentParser:
         default=False,
         help="Replace an existing OUT and OUT.parts/ (finished chunks too): draw everything anew.",
     )
-    add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
+    add("--accelerator", type=str, default="auto", help="auto (a CUDA GPU if any), cpu, cuda, gpu.")
+    add_network_flags(add)
     add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
     add("--num-nodes", type=PositiveInt, default=1, help="Nodes (torchrun or SLURM launch them).")
     return parser  # fmt: skip
@@ -204,6 +207,7 @@ def reflow_main(argv: list[str]) -> Path | None:
     if batch_size is None:
         batch_size = run.datamodule.evaluator().chunk_size if run.datamodule is not None else 1000
     stat = ckpt.stat()
+    speed = choose(cfg.precision, cfg.compile, device_kind(cfg.accelerator))
     settings = {
         "checkpoint": str(ckpt.resolve()),
         "checkpoint_bytes": stat.st_size,
@@ -214,6 +218,7 @@ def reflow_main(argv: list[str]) -> Path | None:
         "num_pairs": cfg.num_pairs,
         "batch_size": int(batch_size),
         "class_frequencies": frequencies,
+        "precision": speed.precision,  # the pairs differ with it: chunks of one precision only
     }
     parts = out.with_name(out.name + ".parts")
     if not cfg.overwrite:
@@ -233,10 +238,12 @@ def reflow_main(argv: list[str]) -> Path | None:
             make_parts(parts, settings)
         fabric.barrier()
     model.to(fabric.device)
+    model.inference = InferenceNetwork(model.net, speed.precision, speed.compile)
     chunks = math.ceil(cfg.num_pairs / batch_size)
     mine = range(fabric.global_rank, chunks, fabric.world_size)
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.pt").exists()]
     if rank0:
+        print(speed.line(), flush=True)
         done = sum((parts / f"chunk-{c:06d}.pt").exists() for c in range(chunks))
         kept = f"; {done} finished chunks kept" if done else ""
         print(f"flowdiff: reflow {cfg.num_pairs} pairs in {chunks} chunks with {sampler!r}"
@@ -260,6 +267,7 @@ def reflow_main(argv: list[str]) -> Path | None:
         "teacher": {
             **settings,
             "nfe": max(p["nfe"] for p in loaded),
+            "compile": speed.compile,
             "data": run.checkpoint["data"],
         },
     }
