@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flowdiff.conditions import is_null, null_condition
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath, PathSample, Prediction
 from flowdiff.utils import UsageError, expand_like
@@ -103,10 +104,12 @@ class MeanFlow(Objective):
                 "the MeanFlow objective needs a network with a second time input: set "
                 "model.net.init_args.interval true"
             )
-        if self.guidance != 1.0 and not getattr(net, "num_classes", 0):
+        if self.guidance != 1.0 and not (
+            getattr(net, "num_classes", 0) or getattr(net, "text_dim", 0)
+        ):
             raise UsageError(
                 f"model.objective.init_args.guidance {self.guidance:g} mixes in the field of the "
-                "null label, and this network has no labels (num_classes 0); set "
+                "null label, and this network has no labels (num_classes 0) nor text; set "
                 "model.objective.init_args.guidance 1, or model.net.init_args.num_classes"
             )
 
@@ -134,9 +137,9 @@ class MeanFlow(Objective):
             return v
         null = net.num_classes
         with torch.no_grad():
-            v_null = net(sample.x_t, sample.t, torch.full_like(y, null))
+            v_null = net(sample.x_t, sample.t, null_condition(y, null))
         guided = self.guidance * v + (1.0 - self.guidance) * v_null
-        return torch.where(expand_like(y != null, v), guided, v)
+        return torch.where(expand_like(~is_null(y, null), v), guided, v)
 
     def loss(
         self,

@@ -138,6 +138,12 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
 
     def check(self, net, path, coupling=None) -> None:
         super().check(net, path, coupling)
+        if getattr(net, "text_dim", 0):
+            raise UsageError(
+                f"{self!r} draws a sample's reference set from the points of its own label, and "
+                "this network reads captions; pass --model.objective "
+                "flowdiff.objectives.ConditionalFlowMatching"
+            )
         if coupling is not None and coupling.name != "independent":
             raise UsageError(
                 f"model.coupling {coupling.name} needs another objective: {self!r} weighs the "
