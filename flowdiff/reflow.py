@@ -193,6 +193,11 @@ def reflow_main(argv: list[str]) -> Path | None:
     ckpt = Path(cfg.ckpt)
     run = load_run(ckpt)
     model = run.model
+    if model.reads_text:  # its couplings would have to store captions, which reflow data cannot
+        raise UsageError(
+            f"{str(ckpt)!r} is a text model: flowdiff reflow takes unconditional or "
+            "class-conditional teachers"
+        )
     sampler = with_args(
         model.sampler, cfg.sampler, steps=cfg.steps, grid=grid, atol=atol, rtol=rtol
     )
