@@ -207,7 +207,17 @@ class ImageFolderDataModule(FlowDataModule):
         training split (labelled data), Inception FID/KID with a weights file, bits/dim always."""
         from flowdiff.data.image_evaluation import folder_source
 
-        return ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
+        evaluator = ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
+        if self.captioned:
+            evaluator.prompts = self.held_out_captions
+        return evaluator
+
+    def held_out_captions(self, n: int) -> list[str]:
+        """``n`` captions of held-out images (each image once while n allows), a fixed draw."""
+        held_out = self.split()[1]
+        order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))
+        rows = held_out[order.repeat(-(-n // len(held_out)))[:n]]
+        return CaptionTable(self.captioned_images.captions, 0).index_select(0, rows)
 
 
 _ANNOUNCED: set[str] = set()
