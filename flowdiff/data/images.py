@@ -89,8 +89,8 @@ class ImageFolderDataModule(FlowDataModule):
     def captioned_images(self) -> CaptionedImages | None:
         """The captioned images, or None for a folder without captions (read once)."""
         found = read_captions(
-            scan(self.hparams.root), self.hparams.get("captions", "auto"),
-            self.hparams.get("skip_uncaptioned", False),
+            scan(self.hparams.root), self.hparams.captions,
+            self.hparams.skip_uncaptioned,
         )  # fmt: skip
         if found is not None and found.skipped:
             announce(f"flowdiff: {found.skipped} image(s) without a caption left out "
