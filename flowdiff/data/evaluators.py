@@ -85,13 +85,18 @@ class Evaluator:
     per_class: int | None = None  # samples a label in pictures (None: num_samples / labels)
     trajectories: bool = False  # whether pictures show trajectories
     validation_size: int = 2000  # samples a validation picture (unconditional)
+    # Captioned data: the n captions a conditional row asks for (held-out ones), set by the data.
+    prompts: Callable[[int], list[str]] | None = None
 
     def __init__(self, num_classes: int = 0):
         self.num_classes = num_classes
         self.floor: dict = {}
 
-    def labels(self, n: int) -> Tensor:
-        """The label of each sample of a conditional row: balanced, sample i asks for i mod K."""
+    def labels(self, n: int) -> Tensor | list[str]:
+        """The label of each sample of a conditional row: balanced, sample i asks for i mod K
+        (captioned data: the data's ``prompts``)."""
+        if self.prompts is not None:
+            return self.prompts(n)
         return torch.arange(n) % self.num_classes
 
     def validation_samples(self, num_classes: int) -> int:
