@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -158,6 +159,9 @@ class UNet(Recorded, nn.Module):
         interval: take a second time ``r``: an average velocity ``u(x, t, r)`` (see ``MLP``).
         time_scale: the time embedding's scale (None: 1000, or 1 with ``interval``).
     """
+
+    # Convolutions on a CPU run ~20% faster on NHWC than on NCHW tensors (the Network contract).
+    memory_format = torch.channels_last
 
     def __init__(
         self,
