@@ -102,7 +102,8 @@ def build_parser() -> ArgumentParser:
         type=bool | None,
         default=None,
         help="Measure the straightness of the model's ODE trajectories (Euler, 100 steps; "
-        "default: for points, not for images, where it costs as much as a 100-step row).",
+        "default: as the data's evaluator says: for points, not for images, where it costs as "
+        "much as a 100-step row).",
     )
     add("--data-dir", type=str | None, default=None, help="Data directory (default: the run's).")
     add(
@@ -305,7 +306,9 @@ def evaluate_main(argv: list[str]) -> Path | None:
         log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
             f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
-    straightness = cfg.straightness if cfg.straightness is not None else len(model.data_shape) == 1
+    straightness = cfg.straightness
+    if straightness is None:
+        straightness = evaluator.measures_straightness
     straight = measure_straightness(fabric, model, plan, cfg.seed) if straightness else None
     if not rank0:
         return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,6 +85,9 @@ class UNet(Recorded, nn.Module):
             joins the time embedding; the tokens are read by cross-attention at the
             ``attention_levels`` (none: the pooled text alone).
     """
+
+    # Convolutions on a CPU run ~20% faster on NHWC than on NCHW tensors (the Network contract).
+    memory_format = torch.channels_last
 
     def __init__(
         self,
