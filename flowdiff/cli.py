@@ -223,7 +223,6 @@ class FlowdiffCLI(LightningCLI):
             if isinstance(callback, ValidationSamples):
                 callback.check(self.model, self.datamodule)
         self.model.check_data(self.datamodule)  # before anything is written
-        self.model.objective.check_data(self.datamodule)
         config = self.config.fit
         if config.init_from and config.ckpt_path is None:
             self.model.init_weights(read_checkpoint(config.init_from), config.init_from)

@@ -161,7 +161,9 @@ class FlowModule(Generation, L.LightningModule):
                 self.data_shape = list(self.data_info["data_shape"])
 
     def check_data(self, datamodule) -> None:
-        """Refuse data this model cannot train on: the ``stored`` coupling needs stored noise."""
+        """Refuse data this model cannot train on: the ``stored`` coupling needs stored noise,
+        and the objective may need more (:meth:`flowdiff.objectives.Objective.check_data`)."""
+        self.objective.check_data(datamodule)
         if self.coupling.needs_stored and not getattr(datamodule, "stores_noise", False):
             raise UsageError(
                 "model.coupling stored needs data that stores the noise of each sample: "
