@@ -53,6 +53,7 @@ class EvalOptions:
     cache_dir: str | None = None
     inception_weights: str | None = None
     min_accuracy: float | None = None  # floor of a feature classifier's test accuracy
+    clip: str | None = None  # a local CLIP checkpoint folder: CLIP score of captioned data
 
 
 @dataclass
@@ -93,6 +94,12 @@ class Evaluator:
     def labels(self, n: int) -> Tensor:
         """The label of each sample of a conditional row: balanced, sample i asks for i mod K."""
         return torch.arange(n) % self.num_classes
+
+    def prompts(self, n: int) -> list[str]:
+        """The prompt of each of ``n`` samples of a text model (captioned data only)."""
+        from flowdiff.utils import UsageError
+
+        raise UsageError(f"{type(self).__name__} has no prompts: the data has no captions")
 
     def validation_samples(self, num_classes: int) -> int:
         """Samples in a validation picture: ``per_class`` a label, else ``validation_size``."""
