@@ -57,8 +57,10 @@ def main() -> None:
             sys.exit(f"flowdiff fit of {mode} failed (see {args.out / f'{mode}.log'})")
     import torch
 
-    print(f"| text mode | parameters | steps in {args.cpu_seconds:.0f} CPU-s | best w | FD | "
-          "R-precision | all right (seen) | all right (held-out) |")
+    print(
+        f"| text mode | parameters | steps in {args.cpu_seconds:.0f} CPU-s | best w | FD | "
+        "R-precision | all right (seen) | all right (held-out) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
         ckpt = args.out / mode / "checkpoints" / "last.ckpt"
@@ -73,7 +75,9 @@ def main() -> None:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         params = sum(v.numel() for k, v in saved["state_dict"].items()
                      if k.startswith(("net.", "text_encoder.")))  # fmt: skip
-        best = max(report["rows"], key=lambda r: r["metrics"]["seen_all"] + r["metrics"]["held_out_all"])
+        best = max(
+            report["rows"], key=lambda r: r["metrics"]["seen_all"] + r["metrics"]["held_out_all"]
+        )
         m = best["metrics"]
         print(f"| {mode} | {params / 1e6:.2f} M | {saved['global_step']} | {best['guidance']:g} | "
               f"{m['fd']:.2f} | {m['r_precision']:.3f} | {m['seen_all']:.3f} | "

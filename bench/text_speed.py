@@ -49,8 +49,9 @@ def timed(name: str, data: Path, extra: list[str], args, env) -> dict:
            "--trainer.max_steps", str(WARMUP + args.steps), "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=_timer.CPUStepTimer",
            "--trainer.callbacks.init_args.warmup", str(WARMUP)]  # fmt: skip
-    subprocess.run(cmd, env={**env, "FLOWDIFF_BENCH_OUT": str(result)}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=open(args.out / f"{name}.log", "w"))  # fmt: skip
+    log = open(args.out / f"{name}.log", "w")
+    env = {**env, "FLOWDIFF_BENCH_OUT": str(result)}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=log)
     timing = json.loads(result.read_text())
     saved = torch.load(args.out / name / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=True)  # fmt: skip
@@ -68,7 +69,9 @@ def main() -> None:
     labels, text = write_pairs(args.out)
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": path}
-    runs = {"labels (96 classes)": timed("labels", labels, ["--model.text_encoder", "null"], args, env)}
+    runs = {
+        "labels (96 classes)": timed("labels", labels, ["--model.text_encoder", "null"], args, env)
+    }
     for mode in ("pooled", "cross", "joint"):
         extra = ["--model.net.init_args.text_mode", mode]
         runs[f"text, {mode}"] = timed(mode, text, extra, args, env)
@@ -78,8 +81,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in runs.items():
         ms = 1000 * r["cpu_seconds"] / r["steps"]
-        print(f"| {name} | {r['net'] / 1e6:.2f} M | {r['text'] / 1e3:.0f} k | {ms:.0f} | "
-              f"{ms / 1000 / per_step:.2f}x |")
+        print(
+            f"| {name} | {r['net'] / 1e6:.2f} M | {r['text'] / 1e3:.0f} k | {ms:.0f} | "
+            f"{ms / 1000 / per_step:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from flowdiff.data.shapes import (
 
 
 def test_the_same_seed_draws_the_same_data_and_another_seed_other_data():
-    a, b = ShapesDataModule(image_size=16, num_train=64), ShapesDataModule(image_size=16, num_train=64)
+    a, b = (
+        ShapesDataModule(image_size=16, num_train=64),
+        ShapesDataModule(image_size=16, num_train=64),
+    )
     other = ShapesDataModule(image_size=16, num_train=64, seed=1)
     assert torch.equal(a.training_set()[0], b.training_set()[0])
     assert a.captions() == b.captions()
@@ -124,7 +127,9 @@ def test_real_held_out_images_score_near_one_and_noise_near_chance(evaluator):
     assert floor["r_precision"] >= 0.8
     real = evaluator.score(data.reference(128, 1_000_081)[0])  # the prompts' own images
     assert real["fd"] < 1e-6  # the reference against itself
-    noise = evaluator.score(torch.rand(128, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    noise = evaluator.score(
+        torch.rand(128, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     assert noise["seen_all"] <= 0.2 and noise["held_out_all"] <= 0.2
     assert noise["r_precision"] <= 0.25 and noise["fd"] > 10 * floor["fd"]
 
@@ -132,7 +137,7 @@ def test_real_held_out_images_score_near_one_and_noise_near_chance(evaluator):
 def test_r_precision_of_real_pairs_far_above_shuffled_pairs(evaluator):
     evaluator, data = evaluator
     images = data.reference(128, 1_000_081)[0]
-    shuffled = torch.roll(torch.arange(128), 2)  # image i scored against prompt i + 2: another combination
+    shuffled = torch.roll(torch.arange(128), 2)  # image i against prompt i + 2: other content
     right = evaluator.score(images)["r_precision"]
     wrong = evaluator.score(images, shuffled)["r_precision"]
     assert right >= 0.8 and wrong <= 0.1

@@ -143,8 +143,11 @@ class CaptionedImageEvaluator(Evaluator):
         metrics = {
             "fd": frechet_distance(self.reference_features, extract(self.features_of, images)),
             "r_precision": r_precision(
-                embed_images(self.contrastive, images), embed_texts(self.contrastive, pool),
-                index, self.groups(pool), generator,
+                embed_images(self.contrastive, images),
+                embed_texts(self.contrastive, pool),
+                index,
+                self.groups(pool),
+                generator,
             ),
         }
         if self.clip is not None:
@@ -181,5 +184,7 @@ class CaptionedImageEvaluator(Evaluator):
     def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
         from flowdiff.plots import labelled_grid, plot_image_grids
 
-        grids = {name: labelled_grid(images, labels, names) for name, (images, labels) in panels.items()}
+        grids = {
+            name: labelled_grid(images, labels, names) for name, (images, labels) in panels.items()
+        }
         return plot_image_grids(grids, title=title)

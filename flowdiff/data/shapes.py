@@ -50,7 +50,7 @@ TEMPLATES = (
     "a {colour} {shape}, {size}, in the {position} corner",
     "the {shape} is {colour} and {size}, {position}",
 )
-# (shape, colour, position, size): never in training; spread so each value is held out at least once.
+# (shape, colour, position, size): never in training; each value is held out at least once.
 HELD_OUT = (
     ("circle", "red", "top right", "large"),
     ("circle", "blue", "bottom left", "small"),
@@ -83,8 +83,12 @@ def parse_caption(text: str) -> int:
     said = words(text)
     vertical = [w for w in said if w in ("top", "bottom")]
     horizontal = [w for w in said if w in ("left", "right")]
-    found = [[v for v in SHAPES if v in said], [v for v in COLOURS if v in said],
-             [f"{a} {b}" for a in vertical for b in horizontal], [v for v in SIZES if v in said]]  # fmt: skip
+    found = [
+        [v for v in SHAPES if v in said],
+        [v for v in COLOURS if v in said],
+        [f"{a} {b}" for a in vertical for b in horizontal],
+        [v for v in SIZES if v in said],
+    ]
     if any(len(f) != 1 for f in found):
         raise ValueError(f"{text!r} does not name one shape, colour, position and size")
     return combination_index(tuple(f[0] for f in found))
@@ -119,7 +123,9 @@ def draw_captioned(combinations: Tensor, size: int, g: torch.Generator) -> tuple
     """Images of ``combinations`` and each one's caption in a wording drawn from ``g``."""
     images = draw_shapes(combinations, size, g)
     wording = torch.randint(len(TEMPLATES), (len(combinations),), generator=g)
-    return images, [caption(COMBINATIONS[c], int(t)) for c, t in zip(combinations, wording, strict=True)]
+    return images, [
+        caption(COMBINATIONS[c], int(t)) for c, t in zip(combinations, wording, strict=True)
+    ]
 
 
 def reference_combinations(n: int) -> Tensor:

@@ -104,7 +104,7 @@ class ShapesEvaluator(CaptionedImageEvaluator):
     def protocol(self, num_samples: int) -> dict:
         return {
             **super().protocol(num_samples),
-            "attributes": f"read by the attribute classifier; seen: the {len(COMBINATIONS) - len(HELD_OUT)}"
-            f" training combinations, held-out: the {len(HELD_OUT)} of shapes.HELD_OUT (prompts "
-            "alternate between them)",
+            "attributes": "read by the attribute classifier; seen: the "
+            f"{len(COMBINATIONS) - len(HELD_OUT)} training combinations, held-out: the "
+            f"{len(HELD_OUT)} of shapes.HELD_OUT (prompts alternate between them)",
         }
