@@ -7,7 +7,7 @@ adaLN) and once on the captions (the trained text encoder, each ``text_mode``). 
 all threads of the process) of ``--steps`` training steps after a warm-up, validation off.
 Prints one markdown table. Run by hand (a few minutes on 2 free CPU cores):
 
-    python bench/text_speed.py [--steps 100] [--out runs/text-speed]
+    python bench/text_speed.py [--steps 100] [--warmup 20] [--out runs/text-speed]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-WARMUP = 20
 
 
 def write_pairs(out: Path, n: int = 4096) -> tuple[Path, Path]:
@@ -46,9 +45,9 @@ def timed(name: str, data: Path, extra: list[str], args, env) -> dict:
            "--data", "flowdiff.data.pairs.TensorPairsDataModule", "--data.init_args.path",
            str(data), "--data.init_args.batch_size", "128", *extra,
            "--trainer.default_root_dir", str(args.out / name), "--trainer.logger", "false",
-           "--trainer.max_steps", str(WARMUP + args.steps), "--trainer.limit_val_batches", "0",
+           "--trainer.max_steps", str(args.warmup + args.steps), "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=_timer.CPUStepTimer",
-           "--trainer.callbacks.init_args.warmup", str(WARMUP)]  # fmt: skip
+           "--trainer.callbacks.init_args.warmup", str(args.warmup)]  # fmt: skip
     log = open(args.out / f"{name}.log", "w")
     env = {**env, "FLOWDIFF_BENCH_OUT": str(result)}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=log)
@@ -62,7 +61,8 @@ def timed(name: str, data: Path, extra: list[str], args, env) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps a run")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     parser.add_argument("--out", type=Path, default=Path(f"runs/text-speed-{time.time_ns()}"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
