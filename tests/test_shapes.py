@@ -185,3 +185,21 @@ def test_the_config_fits_and_evaluates_end_to_end(fast_training, tmp_path):
     assert report["floor"]["held_out_all"] >= 0.9
     assert "held-out images" in report["protocol"]["prompts"]
     assert report["likelihood"]["unit"] == "bits/dim"
+
+
+def test_any_captioned_images_get_r_precision_from_their_own_training_split(
+    fast_training, tmp_path
+):
+    """A tensor file of images and captions (no attributes known): R-precision and FD alone."""
+    from flowdiff.data.evaluators import EvalOptions
+    from flowdiff.data.pairs import TensorPairsDataModule
+
+    images, combos, captions = ShapesDataModule(image_size=16).reference_pixels(1200, 11)
+    torch.save({"x": images, "text": captions}, tmp_path / "pairs.pt")
+    data = TensorPairsDataModule(str(tmp_path / "pairs.pt"), val_fraction=0.1)
+    evaluator = data.evaluator(EvalOptions(str(fast_training)))
+    evaluator.prepare(64, lambda message: None)
+    assert [c.key for c in evaluator.columns] == ["fd", "r_precision"]
+    held_out = data.reference(64, 1_000_081)[0]  # the prompts' own images
+    assert evaluator.score(held_out)["r_precision"] >= 0.6
+    assert evaluator.score(held_out, torch.roll(torch.arange(64), 1))["r_precision"] <= 0.2
