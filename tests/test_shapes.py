@@ -203,3 +203,20 @@ def test_any_captioned_images_get_r_precision_from_their_own_training_split(
     held_out = data.reference(64, 1_000_081)[0]  # the prompts' own images
     assert evaluator.score(held_out)["r_precision"] >= 0.6
     assert evaluator.score(held_out, torch.roll(torch.arange(64), 1))["r_precision"] <= 0.2
+
+
+def test_clip_score_refuses_a_missing_folder_and_says_when_transformers_is_absent(
+    tmp_path, monkeypatch
+):
+    import importlib.util
+
+    from flowdiff.metrics.text import check_clip
+    from flowdiff.utils import UsageError
+
+    with pytest.raises(UsageError, match="no such folder"):
+        check_clip(str(tmp_path / "nowhere"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "transformers" else real(name)
+    )
+    assert "pip install 'flowdiff[text]'" in check_clip(str(tmp_path))
