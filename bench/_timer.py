@@ -100,3 +100,20 @@ class CPUBudget(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if time.process_time() - self.start >= self.seconds:
             trainer.should_stop = True
+
+
+class CPUStepTimer(L.Callback):
+    """CPU time of this process (all threads) from the start of step ``warmup`` to the end of
+    training; writes ``{"steps", "cpu_seconds"}`` to $FLOWDIFF_BENCH_OUT."""
+
+    def __init__(self, warmup: int = 20):
+        self.warmup, self.start, self.first = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None and trainer.global_step >= self.warmup:
+            self.start, self.first = time.process_time(), trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        seconds = time.process_time() - self.start
+        with open(os.environ["FLOWDIFF_BENCH_OUT"], "w") as f:
+            json.dump({"steps": trainer.global_step - self.first, "cpu_seconds": seconds}, f)

@@ -53,6 +53,7 @@ class EvalOptions:
     cache_dir: str | None = None
     inception_weights: str | None = None
     min_accuracy: float | None = None  # floor of a feature classifier's test accuracy
+    clip: str | None = None  # a local CLIP checkpoint folder: CLIP score of captioned data
 
 
 @dataclass
@@ -88,19 +89,20 @@ class Evaluator:
     # steps a sample, cheap on points, as much as a 100-step row on images.
     measures_straightness: bool = False
     validation_size: int = 2000  # samples a validation picture (unconditional)
-    # Captioned data: the n captions a conditional row asks for (held-out ones), set by the data.
-    prompts: Callable[[int], list[str]] | None = None
 
     def __init__(self, num_classes: int = 0):
         self.num_classes = num_classes
         self.floor: dict = {}
 
-    def labels(self, n: int) -> Tensor | list[str]:
-        """The label of each sample of a conditional row: balanced, sample i asks for i mod K
-        (captioned data: the data's ``prompts``)."""
-        if self.prompts is not None:
-            return self.prompts(n)
+    def labels(self, n: int) -> Tensor:
+        """The label of each sample of a conditional row: balanced, sample i asks for i mod K."""
         return torch.arange(n) % self.num_classes
+
+    def prompts(self, n: int) -> list[str]:
+        """The prompt of each of ``n`` samples of a text model (captioned data only)."""
+        from flowdiff.utils import UsageError
+
+        raise UsageError(f"{type(self).__name__} has no prompts: the data has no captions")
 
     def validation_samples(self, num_classes: int) -> int:
         """Samples in a validation picture: ``per_class`` a label, else ``validation_size``."""

@@ -210,17 +210,26 @@ class ImageFolderDataModule(FlowDataModule):
         training split (labelled data), Inception FID/KID with a weights file, bits/dim always."""
         from flowdiff.data.image_evaluation import folder_source
 
-        evaluator = ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
         if self.captioned:
-            evaluator.prompts = self.held_out_captions
-        return evaluator
+            return self._caption_evaluator(options)
+        return ImageEvaluator(folder_source(self), self.num_classes, options, self.class_names)
 
-    def held_out_captions(self, n: int) -> list[str]:
-        """``n`` captions of held-out images (each image once while n allows), a fixed draw."""
-        held_out = self.split()[1]
-        order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))
-        rows = held_out[order.repeat(-(-n // len(held_out)))[:n]]
-        return CaptionTable(self.captioned_images.captions, 0).index_select(0, rows)
+    def _caption_evaluator(self, options: EvalOptions | None):
+        """Prompt adherence (R-precision, CLIP score) and FD on the held-out images' captions."""
+        from flowdiff.data.caption_evaluation import CaptionedImageEvaluator
+
+        train, held_out = self.split()
+        images, captions = self.tensors()[0], self.captioned_images.captions
+
+        def train_pairs():
+            return images[train], [captions[i] for i in train.tolist()]
+
+        def reference(n: int, seed: int):
+            order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+            rows = held_out[order.repeat(-(-n // len(held_out)))[:n]]
+            return images[rows], CaptionTable(captions, seed).index_select(0, rows)
+
+        return CaptionedImageEvaluator(train_pairs, reference, self.data_shape, options)
 
 
 _ANNOUNCED: set[str] = set()

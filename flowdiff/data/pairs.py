@@ -177,6 +177,21 @@ class TensorPairsDataModule(FlowDataModule):
         return self._draw(self.val_rows, n, seed)
 
     def evaluator(self, options: EvalOptions | None = None) -> Evaluator:
+        if self.images and self.captioned:
+            from flowdiff.data.caption_evaluation import CaptionedImageEvaluator
+
+            def train_pairs():
+                return self.x[self.train_rows], [
+                    self.y.captions[i] for i in self.train_rows.tolist()
+                ]
+
+            def reference(n: int, seed: int):
+                g = torch.Generator().manual_seed(seed)
+                order = torch.randperm(len(self.val_rows), generator=g)
+                pick = self.val_rows[order.repeat(-(-n // len(self.val_rows)))[:n]]
+                return self.x[pick], self.y.index_select(0, pick)
+
+            return CaptionedImageEvaluator(train_pairs, reference, self.data_shape, options)
         if self.images:
             from flowdiff.data.image_evaluation import ImageEvaluator, labelled_source
 

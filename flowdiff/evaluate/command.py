@@ -127,6 +127,12 @@ def build_parser() -> ArgumentParser:
         "(needs torch-fidelity); adds Inception FID and KID.",
     )
     add(
+        "--clip",
+        type=str | None,
+        default=None,
+        help="A local CLIP checkpoint folder (transformers): adds the CLIP score of a text model.",
+    )
+    add(
         "--compare",
         type=list[str] | None,
         default=None,
@@ -160,7 +166,7 @@ def draw(
     nfe = []
 
     def work(c, lo, hi):
-        y = chunk_condition(model, plan.labels, lo, hi) if guidance is not None else None
+        y = plan.condition(model, lo, hi) if guidance is not None else None
         g = chunk_generator(seed, c)
         result = model.sample(
             hi - lo, sampler, y=y, guidance=guidance, generator=g, guidance_interval=interval
@@ -176,14 +182,6 @@ def draw(
     return samples, int(most)
 
 
-def chunk_condition(model, labels, lo: int, hi: int):
-    """The condition of rows ``lo..hi``: labels on the model's device, or captions encoded."""
-    if model.reads_text:
-        with torch.no_grad():
-            return model.condition(labels[lo:hi])
-    return labels[lo:hi].to(model.device)
-
-
 def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
     """The data's likelihood under the model: the unconditional field when the model learned it
     (label dropout), else the field conditioned on the data's labels (``log p(x|y)``)."""
@@ -193,8 +191,10 @@ def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
     data = evaluator.likelihood_data(plan.nll_samples)
     if not model.conditional:
         labels, conditioning = None, "unconditional"
-    elif model.reads_text:  # y=None is the null caption
-        labels, conditioning = None, "unconditional (null caption)"
+    elif model.reads_text:
+        null = model.p_uncond > 0  # the null caption, or each image's own caption
+        labels = [""] * len(data.x) if null else list(data.y)
+        conditioning = "unconditional (null caption)" if null else "conditional on captions"
     elif model.p_uncond > 0:
         labels = torch.full((len(data.x),), model.net.num_classes)
         conditioning = "unconditional (null label)"
@@ -203,7 +203,12 @@ def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
     solver = RK4Sampler(plan.nll_steps, PowerGrid(data.grid_power))
 
     def work(c, lo, hi):
-        y = labels[lo:hi].to(model.device) if labels is not None else None
+        y = labels[lo:hi] if labels is not None else None
+        if model.reads_text and y is not None:
+            with torch.no_grad():
+                y = model.text_encoder(y)
+        elif y is not None:
+            y = y.to(model.device)
         result = log_likelihood(
             model.field(y),
             data.x[lo:hi].to(model.device),
@@ -237,7 +242,7 @@ def measure_straightness(fabric, model, plan: Plan, seed: int) -> dict:
     from flowdiff.straightness import straightness
 
     def work(c, lo, hi):
-        y = chunk_condition(model, plan.labels, lo, hi) if model.conditional else None
+        y = plan.condition(model, lo, hi) if model.conditional else None
         x_0 = model.noise(hi - lo, chunk_generator(seed, c))
         return straightness(model.field(y), x_0, model.path.t_min, 1.0, STRAIGHTNESS_STEPS)
 
@@ -263,7 +268,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     model = run.model
     if run.datamodule is None:
         raise UsageError(f"{str(ckpt)!r} records no datamodule to evaluate against")
-    options = EvalOptions(cfg.classifier_cache, cfg.inception_weights, cfg.min_accuracy)
+    options = EvalOptions(cfg.classifier_cache, cfg.inception_weights, cfg.min_accuracy, cfg.clip)
     evaluator = run.datamodule.evaluator(options)
     evaluator.check()  # data present, weights files: no work yet
     plan = make_plan(cfg, model, evaluator, ckpt.resolve().parent.parent)

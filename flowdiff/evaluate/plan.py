@@ -25,6 +25,14 @@ class Plan:
     nll_steps: int
     out: Path
     labels: torch.Tensor | None = field(default=None, repr=False)
+    prompts: list[str] | None = field(default=None, repr=False)  # a text model's; labels index it
+
+    def condition(self, model, lo: int, hi: int):
+        """The condition of samples ``lo:hi``: their labels, or their prompts encoded."""
+        if self.prompts is None:
+            return self.labels[lo:hi].to(model.device)
+        with torch.no_grad():
+            return model.text_encoder([self.prompts[i] for i in self.labels[lo:hi].tolist()])
 
     @property
     def rows(self) -> list[tuple[Sampler, float | None, tuple[float, float] | None]]:
@@ -85,6 +93,7 @@ def make_plan(cfg, model, evaluator, run_dir: Path) -> Plan:
     check_interval_use(intervals, any(w is not None and w != 1.0 for w in guidance))
     num_samples = cfg.num_samples or evaluator.num_samples
     labels = evaluator.labels(num_samples) if model.conditional else None
+    prompts = evaluator.prompts(num_samples) if model.reads_text else None
     out = Path(cfg.out) if cfg.out else run_dir / "eval" / f"seed{cfg.seed}"
     existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
     if existing and not cfg.overwrite:
@@ -99,4 +108,5 @@ def make_plan(cfg, model, evaluator, run_dir: Path) -> Plan:
         cfg.nll_steps or 50,
         out,
         labels,
+        prompts,
     )

@@ -1,0 +1,227 @@
+"""Shapes: a synthetic captioned dataset, drawn procedurally from a seed (no files, no downloads).
+
+Each image (3, S, S) shows one flat-coloured shape on black, and its captions name four
+attributes: the **shape** (circle, square, triangle), the **colour** (red, green, blue, yellow),
+the **position** (the quadrant: top left, top right, bottom left, bottom right) and the **size**
+(small, large); 3 x 4 x 4 x 2 = 96 combinations. Every image has four captions, one wording per
+:data:`TEMPLATES` (one drawn each time it is read), e.g. ``"a small red circle at the top left"``.
+
+Geometry, in units of the side S (pixel centres at ``i + 1/2``; a pixel is the shape's when its
+centre is inside it, so every shape pixel has exactly the caption's colour):
+
+- centre: the quadrant's centre (S/4 or 3S/4 on each axis) moved by up to S/48 on each axis;
+- half-extent h: small in [0.125, 0.145] S, large in [0.19, 0.22] S (a large shape is at least
+  1.3 times as wide as a small one of its kind; areas 2h^2 (triangle) to pi h^2 (circle));
+- circle of radius h; square of half-side 0.85 h; triangle pointing up, apex at ``cy - h``, base
+  ``2h`` wide at ``cy + h``. Every shape stays inside its quadrant.
+
+**Held-out combinations** (:data:`HELD_OUT`): eight full combinations never drawn for training
+(every value of every attribute, and every pair of values, still occurs in training). The
+reference of ``flowdiff evaluate`` draws seen and held-out combinations alternately, so prompt
+adherence is measured on both (:mod:`flowdiff.data.shapes_evaluation`).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from flowdiff.data.base import FlowDataModule, check_arguments
+from flowdiff.data.batches import Batches
+from flowdiff.data.captions import CaptionTable
+from flowdiff.data.evaluators import EvalOptions, Evaluator
+from flowdiff.utils import UsageError
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 230),
+           "yellow": (230, 210, 50)}  # fmt: skip
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SIZES = ("small", "large")
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS, "size": SIZES}
+SIZE_RANGE = {"small": (0.125, 0.145), "large": (0.19, 0.22)}  # half-extent h / S
+JITTER = 1 / 48  # largest move of the centre from its quadrant's centre, / S
+SQUARE_HALF_SIDE = 0.85  # / h
+TEMPLATES = (
+    "a {size} {colour} {shape} at the {position}",
+    "{size} {colour} {shape}, {position}",
+    "a {colour} {shape}, {size}, in the {position} corner",
+    "the {shape} is {colour} and {size}, {position}",
+)
+# (shape, colour, position, size): never in training; each value is held out at least once.
+HELD_OUT = (
+    ("circle", "red", "top right", "large"),
+    ("circle", "blue", "bottom left", "small"),
+    ("square", "green", "top left", "small"),
+    ("square", "yellow", "bottom right", "large"),
+    ("square", "red", "bottom left", "large"),
+    ("triangle", "blue", "top left", "large"),
+    ("triangle", "red", "bottom right", "small"),
+    ("triangle", "yellow", "top right", "small"),
+)
+COMBINATIONS = tuple(itertools.product(*ATTRIBUTES.values()))  # index: attribute values in order
+SEEN = tuple(c for c in COMBINATIONS if c not in HELD_OUT)
+VALIDATION_STREAM = 1_000_003  # seed offset of the validation images (training: the seed itself)
+
+
+def combination_index(combination: tuple[str, str, str, str]) -> int:
+    return COMBINATIONS.index(tuple(combination))
+
+
+def caption(combination: tuple[str, ...], template: int = 0) -> str:
+    """The caption of ``(shape, colour, position, size)`` in wording ``template``."""
+    return TEMPLATES[template].format(**dict(zip(ATTRIBUTES, combination, strict=True)))
+
+
+def parse_caption(text: str) -> int:
+    """The combination (index into :data:`COMBINATIONS`) a caption names, any wording; a
+    ValueError when it does not name one value of each attribute."""
+    from flowdiff.text.tokenizer import words
+
+    said = words(text)
+    vertical = [w for w in said if w in ("top", "bottom")]
+    horizontal = [w for w in said if w in ("left", "right")]
+    found = [
+        [v for v in SHAPES if v in said],
+        [v for v in COLOURS if v in said],
+        [f"{a} {b}" for a in vertical for b in horizontal],
+        [v for v in SIZES if v in said],
+    ]
+    if any(len(f) != 1 for f in found):
+        raise ValueError(f"{text!r} does not name one shape, colour, position and size")
+    return combination_index(tuple(f[0] for f in found))
+
+
+def draw_shapes(combinations: Tensor, size: int, g: torch.Generator) -> Tensor:
+    """uint8 images (N, 3, size, size) of the combinations (N,) (indices into
+    :data:`COMBINATIONS`), centre and extent drawn from ``g`` (see the module docstring)."""
+    n = len(combinations)
+    values = torch.tensor([[ATTRIBUTES[k].index(v) for k, v in zip(ATTRIBUTES, c, strict=True)]
+                           for c in COMBINATIONS])[combinations]  # fmt: skip
+    shape, colour, position, large = values.unbind(1)
+    low = torch.tensor([SIZE_RANGE[s][0] for s in SIZES])[large]
+    high = torch.tensor([SIZE_RANGE[s][1] for s in SIZES])[large]
+    h = (low + (high - low) * torch.rand(n, generator=g)) * size
+    jitter = (2 * torch.rand(n, 2, generator=g) - 1) * JITTER * size
+    cy = (0.25 + 0.5 * (position // 2)) * size + jitter[:, 0]  # top row: positions 0, 1
+    cx = (0.25 + 0.5 * (position % 2)) * size + jitter[:, 1]  # left column: positions 0, 2
+    grid = torch.arange(size) + 0.5
+    dy = grid[None, :, None] - cy[:, None, None]  # (N, S, 1)
+    dx = grid[None, None, :] - cx[:, None, None]  # (N, 1, S)
+    h = h[:, None, None]
+    circle = dy**2 + dx**2 <= h**2
+    square = (dy.abs() <= SQUARE_HALF_SIDE * h) & (dx.abs() <= SQUARE_HALF_SIDE * h)
+    triangle = (dy >= -h) & (dy <= h) & (dx.abs() <= (dy + h) / 2)
+    inside = torch.stack([circle, square, triangle], 1)[torch.arange(n), shape]  # (N, S, S)
+    rgb = torch.tensor(list(COLOURS.values()), dtype=torch.uint8)[colour]  # (N, 3)
+    return torch.where(inside[:, None], rgb[:, :, None, None], torch.zeros((), dtype=torch.uint8))
+
+
+def draw_captioned(combinations: Tensor, size: int, g: torch.Generator) -> tuple[Tensor, list]:
+    """Images of ``combinations`` and each one's caption in a wording drawn from ``g``."""
+    images = draw_shapes(combinations, size, g)
+    wording = torch.randint(len(TEMPLATES), (len(combinations),), generator=g)
+    return images, [
+        caption(COMBINATIONS[c], int(t)) for c, t in zip(combinations, wording, strict=True)
+    ]
+
+
+def reference_combinations(n: int) -> Tensor:
+    """Seen and held-out combinations alternately (seen first), each list cycled in order."""
+    seen = torch.tensor([combination_index(c) for c in SEEN])
+    held = torch.tensor([combination_index(c) for c in HELD_OUT])
+    i = torch.arange(n)
+    return torch.where(i % 2 == 0, seen[(i // 2) % len(seen)], held[(i // 2) % len(held)])
+
+
+class ShapesDataModule(FlowDataModule):
+    """Batches ``(x, captions)``: x (B, 3, S, S) in [-1, 1] of the seen combinations, each
+    image with its four captions (one drawn each read). See the module docstring.
+
+    Args:
+        image_size: the side S (at least 16).
+        num_train: training images, drawn once from ``seed`` (seen combinations, uniformly).
+        num_val: validation images (another stream of the same seed).
+        p_uncond: caption dropout probability for classifier-free guidance.
+        batch_size: batch size of all loaders.
+        seed: seed of the images and of the training order.
+    """
+
+    captioned = True
+
+    def __init__(
+        self,
+        image_size: int = 24,
+        num_train: int = 20_000,
+        num_val: int = 512,
+        p_uncond: float = 0.1,
+        batch_size: int = 128,
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_arguments({"image_size": image_size, "num_train": num_train, "num_val": num_val,
+                         "batch_size": batch_size}, seed, p_uncond)  # fmt: skip
+        if image_size < 16:
+            raise UsageError(f"data.image_size must be at least 16, got {image_size}")
+        self.save_hyperparameters()
+        self.data_shape = (3, image_size, image_size)
+        self.p_uncond = float(p_uncond)
+        self._train: tuple[Tensor, CaptionTable] | None = None
+
+    def training_set(self) -> tuple[Tensor, Tensor]:
+        """The training images uint8 (N, 3, S, S) and their combinations (N,), from ``seed``."""
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        seen = torch.tensor([combination_index(c) for c in SEEN])
+        combos = seen[torch.randint(len(seen), (self.hparams.num_train,), generator=g)]
+        return draw_shapes(combos, self.hparams.image_size, g), combos
+
+    def _table(self, combos: Tensor, seed: int) -> CaptionTable:
+        options = [[caption(COMBINATIONS[c], t) for t in range(len(TEMPLATES))] for c in combos]
+        return CaptionTable(options, seed)
+
+    def train_data(self) -> tuple[Tensor, CaptionTable]:
+        if self._train is None:
+            images, combos = self.training_set()
+            self._train = images, self._table(combos, self.hparams.seed)
+        return self._train
+
+    def captions(self) -> list[str]:
+        return self.train_data()[1].all()
+
+    def _loader(self, images: Tensor, table: CaptionTable, generator=None, shard=(0, 1)):
+        batches = Batches(images, table, self.hparams.batch_size, generator, *shard)
+        return DataLoader(batches, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(*self.train_data(), *self.epoch_order())
+
+    def val_dataloader(self) -> DataLoader:
+        seed = self.hparams.seed + VALIDATION_STREAM
+        g = torch.Generator().manual_seed(seed)
+        seen = torch.tensor([combination_index(c) for c in SEEN])
+        combos = seen[torch.randint(len(seen), (self.hparams.num_val,), generator=g)]
+        images = draw_shapes(combos, self.hparams.image_size, g)
+        return self._loader(images, self._table(combos, seed))
+
+    def reference_pixels(self, n: int, seed: int) -> tuple[Tensor, Tensor, list[str]]:
+        """``n`` fresh uint8 images drawn from ``seed``, seen and held-out combinations
+        alternately (:func:`reference_combinations`), their combinations and captions."""
+        combos = reference_combinations(n)
+        images, captions = draw_captioned(combos, self.hparams.image_size,
+                                          torch.Generator().manual_seed(seed))  # fmt: skip
+        return images, combos, captions
+
+    def reference(self, n: int, seed: int) -> tuple[Tensor, list[str]]:
+        """``n`` fresh images in [-1, 1] (seen and held-out combinations alternately) and their
+        captions."""
+        from flowdiff.metrics.pixels import pixels_to_float
+
+        images, _, captions = self.reference_pixels(n, seed)
+        return pixels_to_float(images), captions
+
+    def evaluator(self, options: EvalOptions | None = None) -> Evaluator:
+        from flowdiff.data.shapes_evaluation import ShapesEvaluator
+
+        return ShapesEvaluator(self, options)
