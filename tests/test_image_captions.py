@@ -75,9 +75,10 @@ def test_metadata_jsonl_gives_captions_several_per_image_one_drawn_per_read(tmp_
     assert set(reads) == {"first", "second", "third"} and min(reads.values()) > 150
     # evaluate's prompts and the reference: held-out captions, the same for the same seed.
     row_of = {c: row for row, options in table.items() for c in options}
-    asked = [row_of[c] for c in dm.held_out_captions(5)]  # each image once, then again
+    prompts = dm.evaluator().prompts
+    asked = [row_of[c] for c in prompts(5)]  # each image once, then again
     assert set(asked) == set(held_out.tolist()) and sorted(Counter(asked).values()) == [2, 3]
-    assert dm.held_out_captions(5) == dm.held_out_captions(5)
+    assert prompts(5) == prompts(5)
     assert dm.reference(2, 7)[1] == dm.reference(2, 7)[1]
     assert {row_of[c] for c in dm.reference(2, 7)[1]} == set(held_out.tolist())
 
@@ -225,7 +226,7 @@ def test_images_text_yaml_fits_samples_and_evaluates_a_metadata_folder(
     assert code == 0, err
     metrics = json.loads((ckpt.parent.parent / "eval" / "seed0" / "metrics.json").read_text())
     assert [row["guidance"] for row in metrics["rows"]] == [1.0, 3.0]
-    assert all({"inception_fid", "inception_kid"} <= set(r["metrics"]) for r in metrics["rows"])
+    assert all({"fd", "r_precision"} <= set(r["metrics"]) for r in metrics["rows"])
     assert metrics["likelihood"]["unit"] == "bits/dim" and "null caption" in out
 
 
