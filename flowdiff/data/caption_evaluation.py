@@ -56,7 +56,7 @@ class CaptionedImageEvaluator(Evaluator):
         self,
         train_pairs: Callable[[], tuple[Tensor, list[list[str]]]],
         reference: Callable[[int, int], tuple[Tensor, list[str]]],
-        data_shape,
+        data_shape: tuple[int, ...] | list[int],
         options: EvalOptions | None = None,
     ):
         super().__init__(0)
