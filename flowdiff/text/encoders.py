@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ class TextEncoder(nn.Module):
         real = [i for i, text in enumerate(texts) if text.strip()]
         if len(real) == len(texts):
             return self.encode(texts)
-        device = next(self.parameters(), torch.empty(0)).device
+        # An encoder without parameters (a frozen one) keeps a buffer on its device.
+        device = next(itertools.chain(self.parameters(), self.buffers()), torch.empty(0)).device
         if not real:
             empty = torch.zeros(len(texts), 1, self.dim, device=device)
             mask = torch.zeros(len(texts), 1, dtype=torch.bool, device=device)
