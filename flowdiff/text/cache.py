@@ -166,7 +166,8 @@ def cache_key(encoder: dict, captions: list[str]) -> str:
 
 
 def cache_dir(name: str, key: str) -> Path:
-    """``<flowdiff cache>/text/<name>-<key>``: one directory per encoder and caption set."""
+    """``<flowdiff cache>/text/<name>-<key>``: one directory per encoder and caption set (its
+    ``info.json`` says which encoder)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "encoder"
     return default_cache() / "text" / f"{name}-{key[:24]}"
 

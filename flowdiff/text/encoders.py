@@ -56,7 +56,8 @@ class TextEncoder(nn.Module):
         """Called with the data's training captions before training (nothing by default)."""
 
     def prompt_warnings(self, texts: list[str]) -> list[str]:
-        """One line for each problem of ``texts`` as prompts (too long, unknown words)."""
+        """One line for each problem of ``texts`` as prompts (too long, unknown words); a
+        UsageError for prompts the encoder cannot encode at all (said before sampling starts)."""
         return []
 
     def forward(self, texts: list[str]) -> TextCondition:

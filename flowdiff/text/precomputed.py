@@ -74,6 +74,11 @@ class PrecomputedTextEncoder(Recorded, TextEncoder):
             )
 
     def encode(self, texts: list[str]) -> TextCondition:
+        self.check(texts)
+        return self.table.lookup(texts).to(self.anchor.device)
+
+    def check(self, texts: list[str]) -> None:
+        """A UsageError naming the texts the file does not hold."""
         missing = self.table.missing(texts)
         if missing:
             raise UsageError(
@@ -81,7 +86,8 @@ class PrecomputedTextEncoder(Recorded, TextEncoder):
                 + (f" (and {len(missing) - 1} more texts)" if len(missing) > 1 else "")
                 + ": a PrecomputedTextEncoder only encodes the texts its file holds; add theirs"
             )
-        return self.table.lookup(texts).to(self.anchor.device)
 
     def prompt_warnings(self, texts: list[str]) -> list[str]:
+        """None; a prompt the file does not hold is a UsageError, before sampling."""
+        self.check([t for t in texts if t.strip()])
         return []

@@ -251,7 +251,7 @@ class PretrainedTextEncoder(Recorded, TextEncoder):
         key = cache_key(self.identity(), captions)
         if self.shared.key == key:
             return
-        folder = cache_dir(Path(self.path.rstrip("/\\")).name, key)
+        folder = cache_dir(self.kind, key)  # the same files elsewhere: the same entry
         if not (folder / "text.json").is_file():
             self._compute(captions, folder)
         self.shared.table = EmbeddingTable.load(folder, f"text embedding cache {folder}")
