@@ -153,6 +153,29 @@ def test_the_null_caption_has_no_token_and_other_rows_are_unchanged(models, kind
     assert same(out[torch.tensor([0, 2])], expected, atol=1e-6)
 
 
+def test_a_full_clip_checkpoint_gives_its_text_model(tmp_path):
+    """What users pass most (openai/clip-vit-*): a CLIPModel folder, text and vision."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=LIMIT,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)  # fmt: skip
+    vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=8, patch_size=4)  # fmt: skip
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    save_tokenizer(tmp_path / "clip", "clip")
+    encoder = PretrainedTextEncoder(str(tmp_path / "clip"))
+    assert PretrainedTextEncoder.width({"path": str(tmp_path / "clip")}) == encoder.dim == 16
+    texts = ["a red square", "a circle at the top"]
+    batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"].bool()
+    expected = TextCondition(out.last_hidden_state * mask[..., None], mask, out.pooler_output)
+    assert same(encoder(texts), expected, atol=1e-6)
+
+
 def test_width_and_limit_come_from_config_and_tokenizer_without_loading_weights(
     models, monkeypatch
 ):

@@ -42,6 +42,12 @@ def import_transformers():
     if not sys.stderr.isatty():
         transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # flowdiff says what matters itself
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # a failed request is said once, in the error line
+    except ImportError:
+        pass
     return transformers
 
 
@@ -74,8 +80,9 @@ def load_config(path: str):
     except UsageError:
         raise
     except Exception as err:
+        where = "" if Path(path).expanduser().is_dir() else "no such folder, and the hub: "
         raise UsageError(
-            f"model.text_encoder.init_args.path {path!r}: cannot load it ({reason(err)})"
+            f"model.text_encoder.init_args.path {path!r}: cannot load it ({where}{reason(err)})"
         ) from err
 
 
@@ -180,19 +187,16 @@ class PretrainedTextEncoder(Recorded, TextEncoder):
             self.shared.model = model.eval().requires_grad_(False)
         return self.shared.model
 
-    def _tokenize(self, texts: list[str], truncation: bool = True) -> dict:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=truncation, max_length=self.max_length,
-            return_tensors="pt",
-        )  # fmt: skip
-
     @torch.no_grad()
     def run(self, texts: list[str], device: torch.device) -> TextCondition:
         """The model on ``texts`` (non-empty), on ``device``."""
         model = self.model
         if next(model.parameters()).device != device:
             model.to(device)
-        batch = self._tokenize(texts)
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        )  # fmt: skip
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = model(input_ids=ids, attention_mask=mask)
         mask = mask.bool()
@@ -238,8 +242,8 @@ class PretrainedTextEncoder(Recorded, TextEncoder):
         return {
             "class": "PretrainedTextEncoder", "kind": self.kind, "max_length": self.max_length,
             "model": files_identity(self.path, "config.json"),
-            "tokenizer": files_identity(self.init_args.get("tokenizer") or self.path,
-                                        "tokenizer_config.json"),
+            "tokenizer": files_identity(self.init_args["tokenizer"], "tokenizer_config.json")
+            if self.init_args.get("tokenizer") else "beside the model",
         }  # fmt: skip
 
     def prepare(self, captions: list[str]) -> None:
