@@ -365,27 +365,37 @@ def fit_args(data: Path, run: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clip_run(models, tmp_path_factory) -> tuple[Path, Path]:
-    """``flowdiff fit`` with the frozen tiny CLIP on captioned squares: (checkpoint, cache)."""
+def clip_run(models, tmp_path_factory) -> tuple[Path, Path, list[int]]:
+    """``flowdiff fit`` twice with the frozen tiny CLIP on captioned squares, the same cache:
+    (the first run's checkpoint, the cache, the model's forward passes in each run)."""
     from test_text_cli import squares
+    from transformers import CLIPTextModel
 
     tmp = tmp_path_factory.mktemp("clip_run")
     x, text = squares()
     torch.save({"x": x, "text": text}, tmp / "squares.pt")
+    encoder = ["--model.text_encoder", "flowdiff.text.PretrainedTextEncoder",
+               "--model.text_encoder.init_args.path", str(models["clip"])]  # fmt: skip
+    counts = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLOWDIFF_CACHE", str(tmp / "cache"))
-        main(fit_args(tmp / "squares.pt", tmp / "run",
-                      "--model.text_encoder", "flowdiff.text.PretrainedTextEncoder",
-                      "--model.text_encoder.init_args.path", str(models["clip"])))  # fmt: skip
-    return tmp / "run" / "checkpoints" / "last.ckpt", tmp / "cache"
+        forwards = Forwards(patch, CLIPTextModel)
+        main(fit_args(tmp / "squares.pt", tmp / "run", *encoder))
+        counts.append(forwards.count)
+        main(fit_args(tmp / "squares.pt", tmp / "again", *encoder, "--trainer.max_steps", "2"))
+        counts.append(forwards.count - counts[0])
+    return tmp / "run" / "checkpoints" / "last.ckpt", tmp / "cache", counts
 
 
-def test_fit_records_the_encoder_by_its_path_never_its_weights(models, clip_run):
+def test_fit_records_the_encoder_by_its_path_and_reuses_the_cache(models, clip_run):
     from test_text_cli import SIDES
 
     from flowdiff.checkpoint import load_run, read_checkpoint
 
-    ckpt_path, cache = clip_run
+    ckpt_path, cache, forwards = clip_run
+    # The 4 captions in one forward pass; validation's prompt and captions are among them. The
+    # second run reads them all from the cache: the model never runs (nor loads).
+    assert forwards == [1, 0]
     ckpt = read_checkpoint(ckpt_path)  # weights_only=True
     encoder = ckpt["hyper_parameters"]["text_encoder"]
     assert encoder["class_path"] == "flowdiff.text.PretrainedTextEncoder"
