@@ -2,7 +2,7 @@
 
 For each dataset and seed, with the shipped configs and the commands a user types:
 
-1. teacher: ``flowdiff fit --config toy.yaml`` with ``--teacher-args`` (by default the README's
+1. teacher: ``flowdiff fit --config toy.yaml`` with ``--teacher-args`` (by default the documented
    flags: version 0.1's recipe, 20,000 steps at lr 1e-3, Euler 100 steps);
 2. couplings: ``flowdiff reflow`` of the teacher (``--num-pairs``, RK4 with 25 steps);
 3. 2-rectified flow: ``flowdiff fit --config toy_reflow.yaml --init_from TEACHER`` (10,000 steps);
@@ -33,7 +33,7 @@ from pathlib import Path
 from _timer import run_logged as run
 
 TARGETS = {1: 1.5, 2: 1.2}
-# The README's teacher: version 0.1's toy.yaml (CFM, Adam's default betas).
+# The teacher of docs/guides/fewstep.md: version 0.1's toy.yaml (CFM, Adam's default betas).
 TEACHER = (
     "--trainer.max_steps 20000 --trainer.val_check_interval 10000 "
     "--model.optimizer.init_args.lr 0.001 "

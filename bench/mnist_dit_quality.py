@@ -9,7 +9,10 @@ MNIST in ./data (`make data`).
 Run by hand (about an hour on 2 CPU cores):
 
     python bench/mnist_dit_quality.py [--cpu-seconds 1200] [--num-samples 500]
-        [--out runs/dit-vs-unet]
+        [--out runs/dit-vs-unet] [--only dit]
+
+``--only`` trains and scores one of the two (the budget is CPU time per process, so a config
+run alone gets the figures it would side by side).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("runs/dit-vs-unet"))
     parser.add_argument("--evaluate-only", action="store_true", help="score the runs in --out")
+    parser.add_argument("--only", choices=sorted(CONFIGS), help="train and score this net alone")
     args = parser.parse_args()
+    configs = {args.only: CONFIGS[args.only]} if args.only else CONFIGS
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "PYTHONPATH": path}  # fmt: skip
@@ -63,14 +68,14 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            for name, config in CONFIGS.items()
+            for name, config in configs.items()
         }
     )
     for name, process in fits.items():
         if process.wait():
             sys.exit(f"flowdiff fit of {name} failed")
     tables = {}
-    for name in CONFIGS:
+    for name in configs:
         ckpt = args.out / name / "checkpoints" / "last.ckpt"
         out = args.out / name / "eval"
         subprocess.run(
@@ -82,7 +87,7 @@ def main() -> None:
         tables[name] = json.loads((out / "metrics.json").read_text())
     import torch
 
-    for name in CONFIGS:
+    for name in configs:
         step = torch.load(args.out / name / "checkpoints" / "last.ckpt", map_location="cpu",
                           weights_only=False)["global_step"]  # fmt: skip
         print(f"{name}: {step} steps in {args.cpu_seconds:.0f} s of CPU time")

@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -30,7 +31,13 @@ from flowdiff.runs import (
     last_checkpoint,
     wandb_logger,
 )
-from flowdiff.utils import UsageError, keep_freed_memory, skip_nvml_probe_without_driver
+from flowdiff.speed import FlowTrainer, choose, device_kind
+from flowdiff.utils import (
+    UsageError,
+    keep_freed_memory,
+    skip_nvml_probe_without_driver,
+    stable_compile_cache,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXTRA_SUBCOMMANDS = {
@@ -74,6 +81,7 @@ class FlowdiffCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # guarded by check_run_dir
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("datamodule_class", FlowDataModule)
+        kwargs.setdefault("trainer_class", FlowTrainer)  # trainer.precision takes auto
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault(
             "parser_kwargs",
@@ -154,6 +162,14 @@ class FlowdiffCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         size_network(config)
+        # precision and compile: auto resolved once, so the saved config and the checkpoint
+        # record what ran (flowdiff.speed).
+        speed = choose(
+            config.trainer.precision, config.model.compile, device_kind(config.trainer.accelerator)
+        )
+        config.trainer.precision, config.model.compile = speed.precision, speed.compile
+        if rank_zero_only.rank == 0:
+            print(speed.line())
         if self.subcommand == "fit":
             config = self.config.fit
             max_steps = config.trainer.max_steps
@@ -185,8 +201,6 @@ class FlowdiffCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.precision is None:
-            kwargs["precision"] = default_precision(config.trainer.accelerator)
         if config.trainer.logger in (None, True) and not config.trainer.get("fast_dev_run"):
             kwargs["logger"] = wandb_logger(config.trainer.default_root_dir)
         trainer = super().instantiate_trainer(**kwargs)
@@ -209,6 +223,7 @@ class FlowdiffCLI(LightningCLI):
             if isinstance(callback, ValidationSamples):
                 callback.check(self.model, self.datamodule)
         self.model.check_data(self.datamodule)  # before anything is written
+        self.model.objective.check_data(self.datamodule)
         config = self.config.fit
         if config.init_from and config.ckpt_path is None:
             self.model.init_weights(read_checkpoint(config.init_from), config.init_from)
@@ -293,22 +308,13 @@ def size_text(model, datamodule) -> None:
     net["init_args"]["text_dim"] = cls.width(plain)
 
 
-def default_precision(accelerator) -> str:
-    """The precision used when the config sets none: ``bf16-mixed`` on a CUDA GPU with bf16,
-    ``16-mixed`` on other CUDA GPUs, ``32-true`` on a CPU (and anything else)."""
-    import torch
-
-    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``flowdiff`` console script."""
     quiet_warnings()
     lightning_info_to_stdout()
     keep_freed_memory()
     skip_nvml_probe_without_driver()  # after Lightning's import has set it
+    stable_compile_cache()  # before anything compiles
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLOWDIFF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flowdiff.conditions import cat_conditions, null_condition
 from flowdiff.paths import GaussianConditionalPath, Prediction
-from flowdiff.text.condition import TextCondition
 from flowdiff.utils import UsageError, as_time, expand_like
 
 
@@ -38,16 +38,6 @@ class Field:
 def guide(out_null: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
     """Classifier-free guidance: ``(1 - w) out(x|null) + w out(x|y)``."""
     return out_null + guidance * (out_cond - out_null)
-
-
-def null_condition(y: Tensor | TextCondition, null_label: int | None) -> Tensor | TextCondition:
-    """The null condition of a batch: the null label, or the null (empty) caption for text."""
-    return y.null_like() if isinstance(y, TextCondition) else torch.full_like(y, null_label)
-
-
-def cat_conditions(a: Tensor | TextCondition, b: Tensor | TextCondition):
-    """Two batches of conditions one after the other (labels or encoded captions)."""
-    return TextCondition.cat([a, b]) if isinstance(a, TextCondition) else torch.cat([a, b])
 
 
 def check_interval(interval) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from flowdiff.speed import AUTO, SpeedChoice, choose, device_kind
 from flowdiff.utils import UsageError
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
@@ -20,12 +21,19 @@ def add_network_flags(add) -> None:
     (``add``: a parser's ``add_argument``)."""
     add(
         "--precision",
-        type=Precision | None,
-        default=None,
-        help="The network's precision (autocast; the sampler stays in float32). Default: the "
-        "checkpoint's training precision on a GPU, 32-true on a CPU.",
+        type=Precision | Literal["auto"],
+        default=AUTO,
+        help="The network's precision (autocast; the sampler stays in float32). auto: "
+        "bf16-mixed on a CUDA GPU with bf16 or a CPU with AMX-BF16, 16-mixed on other GPUs, "
+        "32-true on other CPUs.",
     )
-    add("--compile", type=bool, default=False, help="Compile the network (torch.compile).")
+    add(
+        "--compile",
+        type=bool | Literal["auto"],
+        default=AUTO,
+        help="Compile the network (torch.compile). auto: on with bf16 on a CPU with AMX-BF16 "
+        "(where it paid in bench/), off elsewhere.",
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,17 +52,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(
-    precision: str | None, trained_with: str | None, device: torch.device
-) -> Precision:
-    """The precision given, else the checkpoint's training precision on a GPU (when it was a
-    mixed one), else ``32-true``: on a CPU without bf16 matrix units (AMX) reduced precision is
-    not faster, and it changes the samples."""
-    if precision is not None:
-        return precision
-    if device.type == "cuda" and trained_with in ("bf16-mixed", "16-mixed"):
-        return trained_with
-    return "32-true"
+def network_speed(precision: str, compile: bool | str, device: torch.device) -> SpeedChoice:
+    """``--precision`` and ``--compile`` on ``device``, ``auto`` resolved by the rule of
+    :mod:`flowdiff.speed` (the hardware's, as for training)."""
+    return choose(precision, compile, device_kind(device))
 
 
 class InferenceNetwork:

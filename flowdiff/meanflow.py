@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flowdiff.conditions import is_null, null_condition
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath, PathSample, Prediction
 from flowdiff.utils import UsageError, expand_like
@@ -35,10 +37,13 @@ def meanflow_target(u_fn, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor) -> tuple
     ``d/dt u = v . grad_x u + d_t u`` by one forward-mode JVP (``torch.func.jvp``).
 
     x_t, v: (B, *D); t, r: (B,). ``u`` keeps its graph (gradients flow to the network through
-    it); the target carries none.
+    it); the target carries none. Attention (``scaled_dot_product_attention``) runs on its math
+    kernel here: forward-mode AD is not implemented for the flash, memory-efficient and CPU flash
+    kernels, which would raise on the first loss of any network with attention.
     """
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
-    u, du_dt = torch.func.jvp(u_fn, (x_t, t, r), tangents)
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du_dt = torch.func.jvp(u_fn, (x_t, t, r), tangents)
     return u, (v + expand_like(r - t, v) * du_dt).detach()
 
 
@@ -99,6 +104,25 @@ class MeanFlow(Objective):
                 "the MeanFlow objective needs a network with a second time input: set "
                 "model.net.init_args.interval true"
             )
+        if self.guidance != 1.0 and not (
+            getattr(net, "num_classes", 0) or getattr(net, "text_dim", 0)
+        ):
+            raise UsageError(
+                f"model.objective.init_args.guidance {self.guidance:g} mixes in the field of the "
+                "null label, and this network has no labels (num_classes 0) nor text; set "
+                "model.objective.init_args.guidance 1, or model.net.init_args.num_classes"
+            )
+
+    def check_data(self, datamodule) -> None:
+        """Guidance above 1 mixes in the null label's field, which only label dropout trains."""
+        p_uncond = float(getattr(datamodule, "p_uncond", 0.0))
+        if self.guidance != 1.0 and not p_uncond > 0:
+            raise UsageError(
+                f"model.objective.init_args.guidance {self.guidance:g} mixes in the unconditional "
+                f"field, and this data has p_uncond = {p_uncond:g} (no label dropout: the null "
+                "label is never trained); set --data.init_args.p_uncond 0.1 or "
+                "model.objective.init_args.guidance 1"
+            )
 
     def end_time(self, t: Tensor, path: GaussianConditionalPath, generator=None) -> Tensor:
         """The interval's other end ``r >= t`` (B,) for training times ``t`` (B,)."""
@@ -113,9 +137,9 @@ class MeanFlow(Objective):
             return v
         null = net.num_classes
         with torch.no_grad():
-            v_null = net(sample.x_t, sample.t, torch.full_like(y, null))
+            v_null = net(sample.x_t, sample.t, null_condition(y, null))
         guided = self.guidance * v + (1.0 - self.guidance) * v_null
-        return torch.where(expand_like(y != null, v), guided, v)
+        return torch.where(expand_like(~is_null(y, null), v), guided, v)
 
     def loss(
         self,

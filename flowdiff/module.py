@@ -23,6 +23,7 @@ from flowdiff.inference import InferenceNetwork
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.samplers import EulerSampler, Sampler, SampleResult
+from flowdiff.speed import choose, device_kind
 from flowdiff.text import TextCondition, TextEncoder
 from flowdiff.utils import UsageError
 
@@ -56,7 +57,10 @@ class FlowModule(L.LightningModule):
             is not). The network's ``text_dim`` matches its width.
         compile: train the network compiled with ``torch.compile`` (the module's forward is
             compiled in place: the weights, the EMA and checkpoints keep their names and load
-            without it). The first step's time, compilation included, is printed.
+            without it). The first step's time, compilation included, is printed. ``auto``:
+            when training starts, by the rule of :mod:`flowdiff.speed` for the trainer's
+            precision and device (on with bf16 on an AMX CPU); the checkpoint records the
+            outcome (``checkpoint["compile"]``).
 
     Built in plain Python with flowdiff's components (or any :class:`flowdiff.config.Recorded`),
     it writes checkpoints that ``flowdiff sample`` and ``evaluate`` rebuild, as the CLI's do.
@@ -74,7 +78,7 @@ class FlowModule(L.LightningModule):
         data_shape: list[int] | None = None,
         num_classes: int = 0,
         text_encoder: TextEncoder | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -173,8 +177,10 @@ class FlowModule(L.LightningModule):
             hparams.setdefault(part, getattr(self, part))
         checkpoint["hyper_parameters"] = describe(hparams)  # data, never objects
         checkpoint["data"] = {**self.data_info, "data_shape": self.data_shape}
-        if self._trainer is not None:  # the default precision of flowdiff sample on a GPU
+        if self._trainer is not None:  # what the run trained with (flowdiff.speed)
             checkpoint["precision"] = str(self._trainer.precision)
+        if self.compile_net != "auto":
+            checkpoint["compile"] = bool(self.compile_net)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.data_info = dict(checkpoint.get("data") or {})
@@ -197,6 +203,9 @@ class FlowModule(L.LightningModule):
     # -- training -------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.compile_net == "auto":
+            precision = str(self.trainer.precision)
+            self.compile_net = choose(precision, "auto", device_kind(self.device)).compile
         if self.compile_net:  # after the EMA callback has copied the module (setup)
             self.net.compile()
 

@@ -48,6 +48,10 @@ class Objective(Recorded):
                 f"(beta_1 = 0), got t_max={path.t_max}; try 0.999"
             )
 
+    def check_data(self, datamodule) -> None:
+        """Refuse data this objective cannot train on (a UsageError), before training starts;
+        ``datamodule`` states the data contract (:mod:`flowdiff.data.base`). None here."""
+
     def loss(
         self,
         net: nn.Module,
@@ -117,7 +121,9 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
     weights are its posterior); :meth:`check` refuses any other.
 
     Cost: a (B, B + reference) matrix product over the flattened samples a step, in float32
-    (float64 for float64 data).
+    (float64 for float64 data) whatever the autocast: near t = 1 the shift ``z_hat - z`` is
+    multiplied by ``alpha_t / beta_t`` (999 at t = 0.999), so ``z_hat`` rounded to bfloat16 would
+    become an O(1) error of the target.
 
     Args:
         reference: data points of earlier batches joined to the batch in the reference set; 0
@@ -132,6 +138,12 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
 
     def check(self, net, path, coupling=None) -> None:
         super().check(net, path, coupling)
+        if getattr(net, "text_dim", 0):
+            raise UsageError(
+                f"{self!r} draws a sample's reference set from the points of its own label, and "
+                "this network reads captions; pass --model.objective "
+                "flowdiff.objectives.ConditionalFlowMatching"
+            )
         if coupling is not None and coupling.name != "independent":
             raise UsageError(
                 f"model.coupling {coupling.name} needs another objective: {self!r} weighs the "
@@ -165,10 +177,29 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
         ):
             ref_z = torch.cat([z, bank[0].to(z)])
             ref_y = None if y is None else torch.cat([y, bank[1].to(y)])
+        with torch.autocast(z.device.type, enabled=False):  # float32 at least: see Cost
+            shift = self._shift(sample.x_t, z, c, ref_z, y, ref_y, null)
+        if update and self.reference:
+            self._bank = (
+                ref_z[: self.reference].detach(),
+                None if ref_y is None else ref_y[: self.reference].detach(),
+            )
+        return PathSample(
+            x_t=sample.x_t,
+            z=z + shift,
+            eps=sample.eps - c.alpha_t / c.beta_t.clamp_min(1e-15) * shift,
+            t=sample.t,
+            coefficients=c,
+        )
+
+    @staticmethod
+    def _shift(x_t, z, c, ref_z, y, ref_y, null) -> Tensor:
+        """``z_hat - z`` (B, *D): the posterior mean of the data point over the reference set
+        ``ref_z`` (N, *D) (labels ``ref_y``) given ``x_t`` (B, *D), less the sample's own ``z``."""
         b, dtype = len(z), torch.promote_types(z.dtype, torch.float32)  # float32 at least
         alpha = c.alpha_t.reshape(b, -1)[:, :1].to(dtype)
         beta2 = c.beta_t.reshape(b, -1)[:, :1].to(dtype).square().clamp_min(1e-30)
-        x, r = sample.x_t.flatten(1).to(dtype), ref_z.flatten(1).to(dtype)
+        x, r = x_t.flatten(1).to(dtype), ref_z.flatten(1).to(dtype)
         # A non-finite data point (a batch the non-finite guard skips) weighs nothing, here and
         # while it stays in the bank; checked on the device, without a host read.
         finite = torch.isfinite(r).all(1)
@@ -182,19 +213,7 @@ class StableTargetFlowMatching(ConditionalFlowMatching):
                 allowed |= (y == null)[:, None]
             logits = logits.masked_fill(~allowed, -torch.inf)
         z_hat = torch.softmax(logits, dim=1) @ r
-        shift = (z_hat - z.flatten(1).to(dtype)).reshape(z.shape).to(z.dtype)  # z_hat - z_i
-        if update and self.reference:
-            self._bank = (
-                ref_z[: self.reference].detach(),
-                None if ref_y is None else ref_y[: self.reference].detach(),
-            )
-        return PathSample(
-            x_t=sample.x_t,
-            z=z + shift,
-            eps=sample.eps - c.alpha_t / c.beta_t.clamp_min(1e-15) * shift,
-            t=sample.t,
-            coefficients=c,
-        )
+        return (z_hat - z.flatten(1).to(dtype)).reshape(z.shape)  # not rounded back to z's
 
     def __repr__(self) -> str:
         return f"StableTargetFlowMatching(reference={self.reference})"

@@ -3,7 +3,10 @@
 Rectified flow (Liu et al. 2022, "Flow Straight and Fast"): integrate the teacher from noise
 ``x_0`` to ``x_1``, then train a student on the pairs as they are (``--model.coupling stored``
 with :class:`flowdiff.data.reflow.ReflowDataModule`). Its paths cross less than the independent
-coupling's, so it needs fewer steps.
+coupling's, so it needs fewer steps. The coupling is the ODE's only when ``x_1`` is a function of
+``x_0``: a sampler that draws fresh noise (an SDE) is refused. A conditional teacher's labels are
+drawn from the data's class frequencies (its checkpoint's record of the data), so the student's
+null branch learns the data's marginal, not a reweighted one.
 
 The work is split into chunks of ``--batch-size`` pairs, chunk ``c`` drawn from the noise of seed
 ``(seed, c)`` (as ``flowdiff evaluate`` does: :func:`flowdiff.evaluate.sharding.chunk_generator`),
@@ -29,7 +32,9 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from flowdiff.evaluate.sharding import chunk_generator, make_fabric
 from flowdiff.flags import check_guidance, check_samplers
+from flowdiff.inference import InferenceNetwork, add_network_flags
 from flowdiff.samplers import parse_grid, with_args
+from flowdiff.speed import choose, device_kind
 from flowdiff.utils import UsageError, atomic_path
 
 MANIFEST = "manifest.json"
@@ -69,33 +74,74 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="Pairs a chunk (default: the data's: 1000 points, 128 images).",
     )
-    add("--overwrite", type=bool, default=False, help="Replace an existing OUT (and OUT.parts/).")
-    add("--accelerator", type=str, default="cpu", help="cpu, cuda, gpu, auto.")
+    add(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="Replace an existing OUT and OUT.parts/ (finished chunks too): draw everything anew.",
+    )
+    add("--accelerator", type=str, default="auto", help="auto (a CUDA GPU if any), cpu, cuda, gpu.")
+    add_network_flags(add)
     add("--devices", type=int | str, default=1, help="Ranks on this node (launched by Fabric).")
     add("--num-nodes", type=PositiveInt, default=1, help="Nodes (torchrun or SLURM launch them).")
     return parser  # fmt: skip
 
 
-def chunk_labels(lo: int, hi: int, num_classes: int) -> torch.Tensor | None:
-    """Labels of pairs ``lo..hi-1`` of a conditional teacher: every class in turn (None: none)."""
-    return torch.arange(lo, hi) % num_classes if num_classes else None
+def check_deterministic(model, sampler) -> None:
+    """Refuse a sampler whose ``x_1`` is not a function of ``x_0`` (it draws fresh noise): its
+    pairs would be a nearly independent coupling, not the teacher's ODE's."""
+    if not sampler.deterministic:
+        suggestion = "meanflow" if model.interval else "heun --steps 50"
+        raise UsageError(
+            f"reflow needs the coupling of the teacher's ODE, and {sampler!r} draws fresh noise "
+            f"(x_1 is not a function of x_0): pass a deterministic sampler, e.g. --sampler "
+            f"{suggestion} (euler, midpoint, rk4, dopri5 are deterministic too)"
+        )
 
 
-def draw_chunk(model, sampler, c: int, lo: int, hi: int, seed: int, guidance) -> dict:
-    """Pairs ``lo..hi-1`` (chunk ``c``): ``x_0`` from the chunk's seed, ``x_1`` the teacher's
-    sample from it, and the labels."""
+def label_frequencies(model, data: dict) -> list[float] | None:
+    """``p(y = k)``, k < num_classes, that a conditional teacher's labels are drawn from: the
+    class frequencies its checkpoint recorded of the data (``data``); None for a teacher without
+    labels. A checkpoint that records none (an older flowdiff's) gets uniform ones, said once."""
+    if not model.conditional:
+        return None
+    k = model.net.num_classes
+    recorded = data.get("class_frequencies")
+    if recorded is None:
+        print("flowdiff: the teacher's checkpoint records no class frequencies (an older "
+              "flowdiff's); its labels are drawn uniformly", file=sys.stderr)  # fmt: skip
+        return [1.0 / k] * k
+    if len(recorded) != k:
+        raise UsageError(
+            f"the teacher's checkpoint records {len(recorded)} class frequencies for a network "
+            f"of {k} classes"
+        )
+    return [float(p) for p in recorded]
+
+
+def chunk_labels(n: int, frequencies: list[float] | None, generator) -> torch.Tensor | None:
+    """``n`` labels drawn i.i.d. from ``frequencies`` (None: a teacher without labels)."""
+    if frequencies is None:
+        return None
+    p = torch.tensor(frequencies, dtype=torch.float64)
+    return torch.multinomial(p, n, replacement=True, generator=generator)
+
+
+def draw_chunk(model, sampler, c: int, lo: int, hi: int, seed: int, guidance, frequencies) -> dict:
+    """Pairs ``lo..hi-1`` (chunk ``c``): ``x_0`` from the chunk's seed, then the labels drawn
+    from ``frequencies`` with the same generator, and ``x_1`` the teacher's sample from them."""
     generator = chunk_generator(seed, c)
     x_0 = model.noise(hi - lo, generator)
-    y = chunk_labels(lo, hi, model.net.num_classes if model.conditional else 0)
+    y = chunk_labels(hi - lo, frequencies, generator)
     y_dev = y.to(model.device) if y is not None else None
     # The generator goes on to the sampler (an SDE's noise), as in FlowModule.sample without x_0.
     result = model.sample(hi - lo, sampler, y_dev, guidance, generator, x_0=x_0)
     return {"x_0": x_0.float().cpu(), "x_1": result.x.float().cpu(), "y": y, "nfe": result.nfe}
 
 
-def check_parts(parts: Path, settings: dict, overwrite: bool) -> None:
-    """``parts`` is absent, or holds chunks of a run with these ``settings`` (to resume); with
-    ``overwrite`` anything else there is removed; otherwise it is a UsageError."""
+def check_parts(parts: Path, settings: dict) -> None:
+    """``parts`` is absent, or holds chunks of a run with these ``settings`` (to resume);
+    anything else there is a UsageError (``--overwrite true`` removes it first)."""
     if not parts.exists():
         return
     try:
@@ -103,9 +149,6 @@ def check_parts(parts: Path, settings: dict, overwrite: bool) -> None:
     except (OSError, ValueError):
         recorded = None
     if recorded == settings:
-        return
-    if overwrite:
-        shutil.rmtree(parts) if parts.is_dir() else parts.unlink()
         return
     if recorded is None:
         raise UsageError(f"{str(parts)!r} is not a resumable reflow output (no manifest)")
@@ -116,10 +159,10 @@ def check_parts(parts: Path, settings: dict, overwrite: bool) -> None:
     )
 
 
-def make_parts(parts: Path, settings: dict, overwrite: bool) -> None:
+def make_parts(parts: Path, settings: dict) -> None:
     """``parts`` with the manifest of ``settings``, made at once (a folder renamed into place):
     every rank (each runs this before the ranks connect) finds it whole, or makes it."""
-    check_parts(parts, settings, overwrite)
+    check_parts(parts, settings)
     if parts.exists():
         return
     try:
@@ -132,7 +175,7 @@ def make_parts(parts: Path, settings: dict, overwrite: bool) -> None:
         tmp.rename(parts)
     except OSError:  # another rank made it first
         shutil.rmtree(tmp, ignore_errors=True)
-        check_parts(parts, settings, overwrite=False)
+        check_parts(parts, settings)
 
 
 def reflow_main(argv: list[str]) -> Path | None:
@@ -150,10 +193,17 @@ def reflow_main(argv: list[str]) -> Path | None:
     ckpt = Path(cfg.ckpt)
     run = load_run(ckpt)
     model = run.model
+    if model.reads_text:  # its couplings would have to store captions, which reflow data cannot
+        raise UsageError(
+            f"{str(ckpt)!r} is a text model: flowdiff reflow takes unconditional or "
+            "class-conditional teachers"
+        )
     sampler = with_args(
         model.sampler, cfg.sampler, steps=cfg.steps, grid=grid, atol=atol, rtol=rtol
     )
     check_samplers(model, [sampler])
+    check_deterministic(model, sampler)
+    frequencies = label_frequencies(model, run.checkpoint.get("data") or {})
     guidance = None if cfg.guidance is None else float(cfg.guidance)
     check_guidance(model, [guidance] if guidance is not None else None)
     if model.conditional and guidance is None:
@@ -162,6 +212,7 @@ def reflow_main(argv: list[str]) -> Path | None:
     if batch_size is None:
         batch_size = run.datamodule.evaluator().chunk_size if run.datamodule is not None else 1000
     stat = ckpt.stat()
+    speed = choose(cfg.precision, cfg.compile, device_kind(cfg.accelerator))
     settings = {
         "checkpoint": str(ckpt.resolve()),
         "checkpoint_bytes": stat.st_size,
@@ -171,18 +222,33 @@ def reflow_main(argv: list[str]) -> Path | None:
         "seed": int(cfg.seed),
         "num_pairs": cfg.num_pairs,
         "batch_size": int(batch_size),
+        "class_frequencies": frequencies,
+        "precision": speed.precision,  # the pairs differ with it: chunks of one precision only
     }
     parts = out.with_name(out.name + ".parts")
-    make_parts(parts, settings, cfg.overwrite)
+    if not cfg.overwrite:
+        make_parts(parts, settings)
 
     fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.num_nodes)
     fabric.launch()
     rank0 = fabric.global_rank == 0
+    if cfg.overwrite:
+        # Once, by rank 0, with the ranks connected: a rank that removed the parts before the
+        # launch could remove those another rank had just made.
+        if rank0:
+            if parts.is_dir():
+                shutil.rmtree(parts)
+            elif parts.exists():
+                parts.unlink()
+            make_parts(parts, settings)
+        fabric.barrier()
     model.to(fabric.device)
+    model.inference = InferenceNetwork(model.net, speed.precision, speed.compile)
     chunks = math.ceil(cfg.num_pairs / batch_size)
     mine = range(fabric.global_rank, chunks, fabric.world_size)
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.pt").exists()]
     if rank0:
+        print(speed.line(), flush=True)
         done = sum((parts / f"chunk-{c:06d}.pt").exists() for c in range(chunks))
         kept = f"; {done} finished chunks kept" if done else ""
         print(f"flowdiff: reflow {cfg.num_pairs} pairs in {chunks} chunks with {sampler!r}"
@@ -193,7 +259,7 @@ def reflow_main(argv: list[str]) -> Path | None:
     quiet = not rank0 or not sys.stderr.isatty()
     for c in tqdm(todo, desc="reflow", unit="chunk", disable=quiet):
         lo, hi = c * batch_size, min(cfg.num_pairs, (c + 1) * batch_size)
-        chunk = draw_chunk(model, sampler, c, lo, hi, cfg.seed, guidance)
+        chunk = draw_chunk(model, sampler, c, lo, hi, cfg.seed, guidance, frequencies)
         with atomic_path(parts / f"chunk-{c:06d}.pt") as tmp:
             torch.save(chunk, tmp)
     fabric.barrier()
@@ -206,6 +272,7 @@ def reflow_main(argv: list[str]) -> Path | None:
         "teacher": {
             **settings,
             "nfe": max(p["nfe"] for p in loaded),
+            "compile": speed.compile,
             "data": run.checkpoint["data"],
         },
     }

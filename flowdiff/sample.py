@@ -194,7 +194,7 @@ def sample_main(argv: list[str]) -> Path:
     interval = (parse_intervals(cfg.guidance_interval) or [None])[0]
     atol, rtol = (None if v is None else float(v) for v in (cfg.atol, cfg.rtol))
     from flowdiff.checkpoint import load_run
-    from flowdiff.inference import InferenceNetwork, resolve_device, resolve_precision
+    from flowdiff.inference import InferenceNetwork, network_speed, resolve_device
 
     device = resolve_device(cfg.device)
     ckpt_path = Path(cfg.ckpt)
@@ -232,8 +232,10 @@ def sample_main(argv: list[str]) -> Path:
         per_prompt = cfg.num_samples or cfg.per_class or evaluator.per_class or DEFAULT_SAMPLES
         y, index = model.encode_prompts(prompts, per_prompt)
         scales, names = list(cfg.guidance or [1.0]), prompts
-    precision = resolve_precision(cfg.precision, run.checkpoint.get("precision"), device)
-    model.inference = InferenceNetwork(model.net, precision, cfg.compile)
+    speed = network_speed(cfg.precision, cfg.compile, device)
+    print(speed.line())
+    precision = speed.precision
+    model.inference = InferenceNetwork(model.net, precision, speed.compile)
     n = len(y) if y is not None else (cfg.num_samples or DEFAULT_SAMPLES)
     trajectory = evaluator.trajectories and y is None
     results, start = [], time.perf_counter()
@@ -269,6 +271,7 @@ def sample_main(argv: list[str]) -> Path:
         "checkpoint": str(ckpt_path),
         "device": str(device),
         "precision": precision,
+        "compile": speed.compile,
     }
     panel_names = [f"w = {w:g}" if w is not None else "" for w in scales]
     rows = index if prompts is not None else y
@@ -287,6 +290,7 @@ def sample_main(argv: list[str]) -> Path:
     except OSError as err:
         raise UsageError(f"cannot write the samples to {str(out)!r}: {err}") from err
     what = f"{n} samples" + (f" x {len(scales)} guidance scales" if len(scales) > 1 else "")
-    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {nfe}; {device}, {precision})")
+    print(f"flowdiff: {what} in {seconds:.2f} s ({sampler!r}, NFE {nfe}; {device}, {precision}"
+          + (", compiled)" if speed.compile else ")"))  # fmt: skip
     print(f"flowdiff: wrote {files['samples']} and {files['picture']}")
     return out

@@ -87,6 +87,28 @@ def skip_nvml_probe_without_driver() -> bool:
     return False
 
 
+def stable_compile_cache() -> str | None:
+    """Keep torch.compile's caches (inductor's FX graphs and kernels, AOTAutograd's) in the
+    user's cache directory, so that a second ``fit`` or ``sample`` of the same network loads the
+    compiled code instead of compiling it again: ``$TORCHINDUCTOR_CACHE_DIR`` when set (kept as
+    it is), else ``$FLOWDIFF_CACHE/inductor``, ``$XDG_CACHE_HOME/flowdiff/inductor`` or
+    ``~/.cache/flowdiff/inductor``. Inductor's own default is a folder in ``/tmp``, which many
+    machines empty at every boot. Returns the folder set (None: the setting was left alone)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    if os.environ.get("FLOWDIFF_CACHE"):
+        folder = Path(os.environ["FLOWDIFF_CACHE"]) / "inductor"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "flowdiff" / "inductor"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: inductor's default folder in /tmp
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.absolute())
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Write a file all at once: yields a temporary path beside ``path`` and, when the block

@@ -156,10 +156,13 @@ def test_a_batch_takes_the_steps_of_its_hardest_sample():
 
 
 def test_per_sample_rms():
+    """The max over samples and parts of each part's RMS over a sample's coordinates: the
+    log-det's 7 counts in full, not pooled with x's two values as sqrt((0 + 1 + 49) / 3)."""
     e = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
     assert per_sample_rms(e).item() == pytest.approx(math.sqrt(12.5))
     log_det = torch.tensor([0.0, 7.0])
-    assert per_sample_rms((e, log_det)).item() == pytest.approx(math.sqrt(50 / 3))
+    assert per_sample_rms((e, log_det)).item() == pytest.approx(7.0)
+    assert per_sample_rms((e, log_det / 7)).item() == pytest.approx(math.sqrt(12.5))
 
 
 # -- the likelihood through dopri5 -----------------------------------------------------------------
@@ -176,6 +179,23 @@ def test_likelihood_through_dopri5_gives_the_mixture_log_density(name):
     assert result.nfe == len(recorded.times) and (result.nfe - 2) % 6 == 0
     # torchdiffeq evaluates the last stage of a step just inside its end: here t = 5e-324.
     assert max(recorded.times) == 1.0 and 0.0 <= min(recorded.times) < 1e-300
+
+
+def test_the_log_densitys_error_follows_the_tolerance():
+    """One Gaussian N(mu, 0.1^2 I) in D = 64 dimensions (closed-form log-density): at rtol = atol
+    = tol the error of log p stays below 2 tol |log p| over three decades of tol. The log-det is a
+    part of the state on its own: pooled with x into one RMS of D + 1 values, its tolerance was
+    sqrt(65) ~ 8 times looser, and at tol = 1e-4 the error was 8.6 tol |log p|."""
+    d = 64
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(1, d, generator=g, dtype=DTYPE)
+    field = GaussianMixtureField(exact_path("linear"), [1.0], mu, [0.1])
+    x, _ = field.sample(8, generator=g)
+    exact = field.log_prob(x)
+    for tol in (1e-3, 1e-4, 1e-5):
+        result = log_likelihood(field, x, solver=Dopri5Sampler(tol, tol), t_start=0.0)
+        error = (result.log_prob - exact).abs().max()
+        assert error < 2 * tol * exact.abs().max(), (tol, error)
 
 
 def test_hutchinson_with_dopri5_keeps_its_probes():
@@ -250,3 +270,25 @@ def test_a_field_it_cannot_follow_is_an_error_not_an_endless_loop():
 
     with pytest.raises(RuntimeError, match="gave up"):
         Capped(1e-6, 1e-6).sample(Noisy(), noise(4))
+
+
+def test_max_steps_caps_the_whole_solve_with_a_trajectory():
+    """With ``return_trajectory`` the solve passes 100 output times; the cap counts the steps of
+    the whole solve, not those between two output times (which let 100 times as many through)."""
+    field, _, _ = gaussian("cosine")
+    x_0 = noise(4)
+    free = Dopri5Sampler(1e-10, 1e-10).sample(field, x_0, return_trajectory=True)
+    steps = (free.nfe - 2) // 6
+    assert steps > 6  # the solve needs more than the cap below
+
+    class Capped(Dopri5Sampler):
+        max_steps = steps - 1
+
+    for trajectory in (False, True):
+        with pytest.raises(RuntimeError, match="gave up"):
+            Capped(1e-10, 1e-10).sample(field, x_0, return_trajectory=trajectory)
+
+    class Enough(Dopri5Sampler):
+        max_steps = steps
+
+    assert Enough(1e-10, 1e-10).sample(field, x_0, return_trajectory=True).nfe == free.nfe

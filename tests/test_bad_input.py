@@ -94,6 +94,19 @@ CASES = [
         ["p_uncond"],
     ),
     (
+        "fit-meanflow-guidance-unconditional",
+        FIT.replace("toy.yaml", "toy_meanflow.yaml") + " --model.objective.init_args.guidance 2"
+        " --trainer.max_steps 2",
+        ["guidance 2", "num_classes 0"],
+    ),
+    (
+        "fit-meanflow-guidance-without-dropout",
+        FIT.replace("toy.yaml", "toy_meanflow.yaml")
+        + " --model.net.init_args.num_classes 2 --model.objective.init_args.guidance 2"
+        " --trainer.max_steps 2",
+        ["guidance 2", "p_uncond = 0"],
+    ),
+    (
         "fit-csm-t-min-zero",
         FIT.replace("toy.yaml", "toy_csm.yaml") + " --model.path.init_args.t_min 0",
         ["t_min"],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+DOCKER_GUIDE = ROOT / "docs" / "guides" / "docker.md"  # the documentation's Docker page
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -48,8 +49,7 @@ def test_cpu_by_default_cuda_by_build_argument():
     assert args["BASE"].startswith("python:")
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert ("FROM", "${BASE}") in instructions()
-    readme = (ROOT / "README.md").read_text()
-    assert "--build-arg BASE=nvidia/cuda:" in readme
+    assert "--build-arg BASE=nvidia/cuda:" in DOCKER_GUIDE.read_text()
 
 
 def test_copied_files_exist_and_suffice_for_the_install():
@@ -67,10 +67,9 @@ def test_copied_files_exist_and_suffice_for_the_install():
     assert {".venv", "runs", "data", ".git"} <= ignored
 
 
-def test_readme_docker_run_mounts_the_image_work_directory():
+def test_documented_docker_run_mounts_the_image_work_directory():
     workdir = [a for op, a in instructions() if op == "WORKDIR"][-1]
-    readme = (ROOT / "README.md").read_text()
-    runs = re.findall(r"^docker run .*$", readme, re.M)
+    runs = re.findall(r"^docker run .*$", DOCKER_GUIDE.read_text(), re.M)
     assert runs and any("flowdiff fit --config configs/toy.yaml" in r for r in runs)
     for line in runs:
         for mount in re.findall(r"-v \S+:(\S+)", line):

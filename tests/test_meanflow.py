@@ -9,11 +9,13 @@ import math
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from flowdiff.data.toy import ToyDataModule
 from flowdiff.fields import Field, ModelField
 from flowdiff.meanflow import MeanFlow, meanflow_target
 from flowdiff.module import FlowModule
+from flowdiff.nets.dit import DiT
 from flowdiff.nets.mlp import MLP
 from flowdiff.nets.unet import UNet
 from flowdiff.objectives import ConditionalFlowMatching
@@ -142,6 +144,64 @@ def test_jvp_matches_finite_differences_of_the_network():
     assert all(p.grad is not None for p in net.parameters())
 
 
+class IntervalDiT(nn.Module):
+    """A DiT with an interval input for the tests, ``u(x, t, r) = dit(x, t) + (r - t) dit(x, r)``
+    (flowdiff's DiT has none yet); its weights all perturbed, so that adaLN-Zero's zero gates
+    do not switch the attention off."""
+
+    num_classes, interval = 0, True
+
+    def __init__(self):
+        super().__init__()
+        self.dit = DiT(1, image_size=8, patch_size=4, hidden=16, depth=2, num_heads=2)
+        with torch.no_grad():
+            for p in self.dit.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+    def forward(self, x, t, y=None, r=None):
+        r = t if r is None else r
+        return self.dit(x, t, y) + expand_like(r - t, x) * self.dit(x, r, y)
+
+
+def attention_net(name: str) -> nn.Module:
+    if name == "unet":  # cifar10.yaml's kind: attention at the second level
+        return UNet(1, channels=(8, 16), num_res_blocks=1, time_embed_dim=16,
+                    attention_levels=[1], interval=True, zero_init=False)  # fmt: skip
+    return IntervalDiT()
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_the_loss_runs_through_attention_and_its_jvp_is_the_derivative(name):
+    """Forward-mode AD is not implemented for the flash, memory-efficient and CPU flash kernels
+    of ``scaled_dot_product_attention`` (the CPU picks its flash kernel in float32), so every
+    network with attention crashed on its first MeanFlow loss after ``check()`` accepted it.
+    Accepted now means trained: the loss and its gradients are finite, and the JVP through the
+    attention is the derivative (central differences in float64, as for the MLP above)."""
+    torch.manual_seed(0)
+    net, path = attention_net(name), exact_path("linear")
+    FlowModule(net, path, MeanFlow())  # check() accepts it
+    g = torch.Generator().manual_seed(1)
+    sample = path.sample(torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, generator=g))
+    loss = MeanFlow(interval_fraction=0.5).loss(net, sample, path, generator=g)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+    net.double()
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=DTYPE)
+    t = 0.2 + 0.3 * torch.rand(3, generator=g, dtype=DTYPE)
+    r, v = t + 0.3, torch.randn(3, 1, 8, 8, generator=g, dtype=DTYPE)
+
+    def u_fn(x, t, r):
+        return net(x, t, None, r=r)
+
+    h = 1e-6
+    with torch.no_grad():
+        du_dt = (u_fn(x + h * v, t + h, r) - u_fn(x - h * v, t - h, r)) / (2 * h)
+    _, target = meanflow_target(u_fn, x, t, r, v)
+    torch.testing.assert_close(target, v + expand_like(r - t, x) * du_dt, rtol=1e-5, atol=1e-7)
+
+
 def test_end_times():
     path = GaussianConditionalPath(t_min=0.0, t_max=1.0)
     n = 200_000
@@ -179,6 +239,22 @@ def test_guided_velocity_mixes_in_the_null_branch_for_labelled_samples():
     torch.testing.assert_close(guided[:2], 3.0 * v[:2] + (1 - 3.0) * u_null)
     torch.testing.assert_close(guided[2:], v[2:])
     assert torch.equal(MeanFlow().velocity(Recorder(), sample, path, y), v)
+
+
+def test_training_time_guidance_needs_labels_and_label_dropout():
+    """Guidance above 1 mixes in the null label's field: refused on a network without labels
+    (it would be ignored) and on data without label dropout (the null branch never trains)."""
+    path, guided = exact_path("linear"), MeanFlow(guidance=2.0)
+    with pytest.raises(UsageError, match=r"guidance 2 mixes .* no labels \(num_classes 0\)"):
+        guided.check(MLP(2, hidden=8, depth=1, interval=True), path)
+    net = MLP(2, hidden=8, depth=1, num_classes=2, interval=True)
+    guided.check(net, path)  # labels: the data decides
+    data = ToyDataModule("moons", batch_size=8)
+    with pytest.raises(UsageError, match=r"guidance 2 .* p_uncond = 0 \(no label dropout"):
+        guided.check_data(data)
+    guided.check_data(ToyDataModule("moons", batch_size=8, p_uncond=0.1))
+    MeanFlow().check_data(data)  # no guidance: nothing needs the null label
+    MeanFlow().check(MLP(2, hidden=8, depth=1, interval=True), path)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])

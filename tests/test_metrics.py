@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flowdiff.metrics import mmd, wasserstein2
+from flowdiff.utils import UsageError
 
 
 @pytest.mark.parametrize("shift", [[0.0, 0.0], [1.5, -2.0], [0.1, 0.0]])
@@ -99,6 +100,15 @@ def test_mmd_is_unbiased_exactly():
             biased += weight * v_statistic(x, y, bandwidths)
     assert unbiased == pytest.approx(population, rel=1e-12, abs=1e-14)
     assert abs(biased - population) > 0.1
+
+
+@pytest.mark.parametrize("n, m", [(1, 5), (5, 1), (0, 5)])
+def test_mmd_refuses_a_set_of_fewer_than_two_points(n, m):
+    """The unbiased within-set term averages over the n (n - 1) pairs of distinct points: with
+    one point it would be 0 / 0 (a NaN passed on as a metric)."""
+    x, y = torch.zeros(n, 2), torch.ones(m, 2)
+    with pytest.raises(UsageError, match=rf"at least 2 points.*got {n} and {m}$"):
+        mmd(x, y)
 
 
 def test_mmd_zero_for_same_set_and_grows_with_shift():

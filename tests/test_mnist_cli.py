@@ -132,20 +132,14 @@ def test_mnist_reflow_config_trains_on_a_guided_teachers_pairs(fake_mnist, run_c
     assert torch.isfinite(saved["samples"]).all()
 
 
-def test_precision_default_resolves_by_device():
-    from flowdiff.cli import default_precision
-
-    assert default_precision("cpu") == "32-true"
-    expected = "32-true"
-    if torch.cuda.is_available():
-        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    assert default_precision("auto") == expected
-
-
 @pytest.mark.parametrize("given,expected", [(None, "32-true"), ("bf16-mixed", "bf16-mixed")])
-def test_precision_of_the_trainer(tmp_path, given, expected):
+def test_precision_of_the_trainer(tmp_path, given, expected, monkeypatch):
+    """mnist.yaml's precision: auto on a CPU without AMX (every branch: test_auto_speed.py)."""
     from flowdiff.cli import FlowdiffCLI
 
+    no_amx = {**torch.cpu.get_capabilities(), "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: no_amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [
         "--config",
         "mnist.yaml",
@@ -157,6 +151,4 @@ def test_precision_of_the_trainer(tmp_path, given, expected):
     if given:
         args += ["--trainer.precision", given]
     cli = FlowdiffCLI(args=args, run=False)
-    if given is None and torch.cuda.is_available():
-        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     assert cli.trainer.precision == expected

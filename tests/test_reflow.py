@@ -12,6 +12,7 @@ import torch
 
 import flowdiff.reflow as reflow
 from flowdiff.checkpoint import load_run
+from flowdiff.data.pairs import TensorPairsDataModule
 from flowdiff.data.reflow import ReflowDataModule
 from flowdiff.data.toy import ToyDataModule
 from flowdiff.evaluate.sharding import chunk_generator
@@ -60,11 +61,16 @@ def test_pairs_reproduce_the_teachers_samples(teachers, tmp_path, kind, extra):
     model = load_run(teachers[kind]).model
     guidance = 2.0 if kind == "cond" else None
     for c, (lo, hi) in enumerate([(0, 100), (100, 200), (200, 250)]):
-        y = torch.arange(lo, hi) % 2 if kind == "cond" else None
+        # The chunk's generator draws the noise, then the labels (moons: two classes alike).
+        generator = chunk_generator(0, c)
+        noise = torch.randn(hi - lo, 2, generator=generator)
+        y = None
+        if kind == "cond":
+            y = torch.multinomial(torch.tensor([0.5, 0.5], dtype=torch.float64), hi - lo,
+                                  replacement=True, generator=generator)  # fmt: skip
         expected = model.sample(hi - lo, HeunSampler(3), y=y, guidance=guidance,
                                 generator=chunk_generator(0, c))  # fmt: skip
         assert torch.equal(pairs["x"][lo:hi], expected.x)  # bit for bit
-        noise = torch.randn(hi - lo, 2, generator=chunk_generator(0, c))
         assert torch.equal(pairs["x_0"][lo:hi], noise)
         if y is not None:
             assert torch.equal(pairs["y"][lo:hi], y)
@@ -112,6 +118,68 @@ def test_a_killed_reflow_resumes_without_redrawing_finished_chunks(teachers, tmp
         assert torch.equal(resumed[key], uninterrupted[key])
 
 
+def test_overwrite_draws_every_chunk_anew(teachers, tmp_path, monkeypatch):
+    """``--overwrite true`` with unchanged settings replaces the finished chunks of an earlier
+    run too, as its help says (it used to keep them and draw only the others)."""
+    drawn = []
+    original = reflow.draw_chunk
+
+    def killed_after_first(model, sampler, c, *args):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(c)
+        return original(model, sampler, c, *args)
+
+    monkeypatch.setattr(reflow, "draw_chunk", killed_after_first)
+    out = tmp_path / "pairs.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_reflow(teachers["plain"], out)
+    assert (tmp_path / "pairs.pt.parts" / "chunk-000000.pt").exists()
+
+    drawn.clear()
+
+    def counted(model, sampler, c, *args):
+        drawn.append(c)
+        return original(model, sampler, c, *args)
+
+    monkeypatch.setattr(reflow, "draw_chunk", counted)
+    run_reflow(teachers["plain"], out, "--overwrite", "true")
+    assert drawn == [0, 1, 2]
+    assert out.exists() and not (tmp_path / "pairs.pt.parts").exists()
+
+
+def test_labels_follow_the_class_frequencies_of_imbalanced_data(tmp_path):
+    """A teacher of a mixture weighted 0.8 / 0.2 records those frequencies with its data, and
+    reflow draws its labels from them: the count of class 1 in 2,000 pairs is Binomial(2000,
+    0.2), mean 400 and sd 17.9; 5 sd is 89 (uniform labels gave 1,000)."""
+    torch.manual_seed(0)
+    model = FlowModule(MLP(hidden=16, depth=2, num_classes=2), GaussianConditionalPath(),
+                       ConditionalFlowMatching(), EulerSampler(2))  # fmt: skip
+    mixture = {"means": [[-2.0, 0.0], [2.0, 0.0]], "weights": [4.0, 1.0]}
+    data = ToyDataModule("mixture", batch_size=32, batches_per_epoch=1, mixture=mixture,
+                         p_uncond=0.1)  # fmt: skip
+    fit = trainer(1)
+    fit.fit(model, data)
+    ckpt = tmp_path / "teacher.ckpt"
+    fit.save_checkpoint(ckpt)
+    recorded = load_run(ckpt).checkpoint["data"]["class_frequencies"]
+    torch.testing.assert_close(torch.tensor(recorded), torch.tensor([0.8, 0.2]))
+    argv = ["--ckpt", str(ckpt), "--num-pairs", "2000", "--batch-size", "500", "--out",
+            str(tmp_path / "pairs.pt"), "--sampler", "euler", "--steps", "1"]  # fmt: skip
+    pairs = torch.load(reflow.reflow_main(argv), weights_only=True)
+    assert pairs["teacher"]["class_frequencies"] == recorded
+    assert abs(int((pairs["y"] == 1).sum()) - 400) < 89
+
+
+def test_pairs_data_records_its_training_class_frequencies(tmp_path):
+    """Counted on the training rows alone, exactly."""
+    y = torch.tensor([0] * 30 + [1] * 8 + [2] * 2)
+    torch.save({"x": torch.randn(40, 2), "y": y}, tmp_path / "d.pt")
+    data = TensorPairsDataModule(str(tmp_path / "d.pt"), val_fraction=0.25)
+    counts = torch.bincount(y[data.train_rows], minlength=3).double()
+    assert data.describe()["class_frequencies"] == (counts / 30).tolist()
+
+
 def snapshot(root: Path) -> dict:
     return {str(p): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
@@ -126,6 +194,7 @@ def snapshot(root: Path) -> dict:
         ("foreign-parts", ["not a resumable reflow output"]),
         ("other-settings", ["other settings", "seed"]),
         ("not-pt", ["expected a .pt file"]),
+        ("stochastic-sampler", ["EulerMaruyamaSampler", "draws fresh noise", "--sampler heun"]),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(teachers, tmp_path, run_cli, case, words):
@@ -152,6 +221,8 @@ def test_bad_input_is_one_line_and_writes_nothing(teachers, tmp_path, run_cli, c
             "guidance": None, "seed": 7, "num_pairs": 250, "batch_size": 1000}))  # fmt: skip
     elif case == "not-pt":
         args[6] = tmp_path / "work" / "pairs.npz"
+    elif case == "stochastic-sampler":
+        args += ["--sampler", "euler-maruyama", "--steps", "4"]
     before = snapshot(tmp_path)
     code, _, err = run_cli(*args)
     lines = err.strip().splitlines()
@@ -294,3 +365,12 @@ def test_evaluate_reports_straightness(teachers, tmp_path, run_cli):
     assert report["straightness"]["straightness"] >= 0
     assert [r["nfe"] for r in report["rows"]] == [1, 2]
     assert os.path.exists(out / "quality_vs_nfe.png")
+
+
+def test_which_samplers_are_deterministic():
+    """Every ODE solver and MeanFlow's jumps map x_0 to one x_1; Euler–Maruyama draws noise,
+    unless its diffusion is 0."""
+    from flowdiff.samplers import SAMPLERS, EulerMaruyamaSampler
+
+    assert {name for name, cls in SAMPLERS.items() if not cls().deterministic} == {"euler-maruyama"}
+    assert EulerMaruyamaSampler(4, sigma=0.0).deterministic

@@ -5,7 +5,7 @@ device ``flowdiff sample`` picks by itself. Compiled runs take ~30 s each on 2 C
 import pytest
 import torch
 
-from flowdiff.inference import InferenceNetwork, resolve_device, resolve_precision
+from flowdiff.inference import InferenceNetwork, network_speed, resolve_device
 from flowdiff.nets.mlp import MLP
 from flowdiff.utils import UsageError
 
@@ -40,16 +40,20 @@ def test_network_runs_in_autocast_and_returns_the_input_dtype():
     assert torch.equal(InferenceNetwork(net, "32-true")(x, t), exact)
 
 
-def test_default_device_and_precision():
+def test_default_device_and_precision(monkeypatch):
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UsageError, match="'cuda:99' is not available"):
         resolve_device("cuda:99")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision(None, "bf16-mixed", cpu) == "32-true"  # no AMX here: no faster
-    assert resolve_precision(None, "bf16-mixed", gpu) == "bf16-mixed"  # as it was trained
-    assert resolve_precision(None, None, gpu) == "32-true"
-    assert resolve_precision("bf16-mixed", None, cpu) == "bf16-mixed"
+    no_amx = {**torch.cpu.get_capabilities(), "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: no_amx)  # as on AMD EPYC
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert network_speed("auto", "auto", cpu).precision == "32-true"  # no AMX: no faster
+    assert network_speed("auto", "auto", gpu).precision == "bf16-mixed"
+    assert network_speed("bf16-mixed", "auto", cpu).precision == "bf16-mixed"  # given: kept
+    assert not network_speed("auto", "auto", gpu).compile  # no bench/ figure on a GPU yet
 
 
 def test_sample_at_bf16_and_the_recorded_defaults(toy_ckpt, tmp_path, run_cli):

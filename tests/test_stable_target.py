@@ -72,6 +72,31 @@ def test_at_the_data_end_the_target_is_cfm_on_every_row():
     torch.testing.assert_close(target, path.target(sample, "velocity"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_the_target_is_the_float32_one(dtype):
+    """Mixed precision (the CLI's default on a GPU) must not reach the posterior: near t = 1 the
+    target multiplies ``z_hat - z`` by ``alpha_t / beta_t`` (999 at t = 0.999), so ``z_hat``
+    rounded to 8 or 11 bits would become an O(1) error of the target (up to 238 seen in
+    bfloat16 before the fix). Under autocast the target equals the float32 one to the
+    output's accuracy in ``dtype``, and CFM's where the posterior is one point: 256 points on a
+    jittered grid (spacing >= 0.15), so at t = 0.999 every other point has a weight below
+    exp(-(0.999 * 0.15)^2 / (2 * 0.001^2)) = exp(-11000), 0 in float32."""
+    path = GaussianConditionalPath("linear")
+    g = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1)
+    z = (grid.reshape(-1, 2) - 7.5) * 0.25 + (torch.rand(256, 2, generator=g) - 0.5) * 0.1
+    t = torch.cat([torch.rand(128, generator=g), torch.full((128,), 0.999)])
+    sample = path.sample(z, t, torch.randn(256, 2, generator=g))
+    fp32 = velocity_target(StableTargetFlowMatching(0), sample, path)
+    with torch.autocast("cpu", dtype=dtype):
+        mixed = velocity_target(StableTargetFlowMatching(0), sample, path)
+    assert mixed.dtype == torch.float32
+    resolution = torch.finfo(dtype).eps
+    torch.testing.assert_close(mixed, fp32, rtol=resolution, atol=resolution)
+    cfm = path.target(sample, "velocity")
+    torch.testing.assert_close(mixed[128:], cfm[128:], rtol=resolution, atol=resolution)
+
+
 def test_labels_keep_the_reference_set_within_the_class():
     """Two classes far apart: a class's target is the field of its own component; the null
     label (guidance's unconditional branch) weighs every point."""

@@ -198,3 +198,35 @@ def test_guidance_zero_is_the_unconditional_field_and_one_the_prompts_own():
     guided = ModelField(net, path, "velocity", y[:8], 3.0, 0).velocity(x, t)
     u_k, u_null = exact.component(0).velocity(x, t), exact.velocity(x, t)
     torch.testing.assert_close(guided, u_null + 3.0 * (u_k - u_null), rtol=1e-12, atol=1e-12)
+
+
+class NullReader(torch.nn.Module):
+    """Outputs 1 for the null caption and 2 for any other: which branch a target used."""
+
+    num_classes, text_dim, interval = 0, 2, True
+
+    def forward(self, x, t, y=None, r=None):
+        null = torch.ones(len(x), dtype=torch.bool) if y is None else y.is_null
+        return torch.where(null[:, None], 1.0, 2.0).expand_as(x)
+
+
+def test_meanflow_training_guidance_mixes_in_the_null_caption_for_captioned_samples_only():
+    from flowdiff.meanflow import MeanFlow
+
+    path = GaussianConditionalPath("linear")
+    z, eps, t = torch.zeros(4, 2), torch.zeros(4, 2), torch.full((4,), 0.5)
+    sample = path.sample(z, t, eps)  # velocity target d_alpha z + d_beta eps = 0
+    y = SideEncoder()(["left", "", "right", ""])
+    objective = MeanFlow(guidance=3.0)
+    objective.check(NullReader(), path)
+    v = objective.velocity(NullReader(), sample, path, y)
+    # Captioned rows: w v + (1 - w) v_null = 3 * 0 + (1 - 3) * 1 = -2; null rows keep v = 0.
+    assert v[:, 0].tolist() == [-2.0, 0.0, -2.0, 0.0]
+
+
+def test_the_stable_target_refuses_a_network_that_reads_captions():
+    from flowdiff.objectives import StableTargetFlowMatching
+
+    net = DiT(1, 8, patch_size=4, hidden=16, depth=1, num_heads=2, text_dim=8)
+    with pytest.raises(UsageError, match="ConditionalFlowMatching"):
+        StableTargetFlowMatching().check(net, GaussianConditionalPath("linear"))

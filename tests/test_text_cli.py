@@ -101,3 +101,11 @@ def test_bad_flags_for_a_text_model_are_one_line(text_run, tmp_path, run_cli, fl
     code, _, err = run_cli("sample", "--ckpt", text_run, "--out", tmp_path / "x", *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_reflow_refuses_a_text_teacher_in_one_line(text_run, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "reflow", "--ckpt", text_run, "--out", tmp_path / "pairs.pt", "--num-pairs", "10"
+    )
+    assert code == 2 and "is a text model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pairs.pt").exists()

@@ -69,6 +69,22 @@ class FlowDataModule(L.LightningDataModule):
         """The metric suite of this data (``flowdiff.data.evaluators``)."""
         raise NotImplementedError
 
+    def class_frequencies(self) -> list[float] | None:
+        """``p(y = k)`` for ``k < num_classes``: the share of each class in the training data,
+        which a checkpoint records (:meth:`describe`) and ``flowdiff reflow`` draws a teacher's
+        labels from; None for data without labels. The base counts :meth:`training_labels`."""
+        if not self.num_classes:
+            return None
+        counts = torch.bincount(self.training_labels().long(), minlength=self.num_classes).double()
+        return (counts / counts.sum()).tolist()
+
+    def training_labels(self) -> Tensor:
+        """The labels (N,) of the training samples, for :meth:`class_frequencies`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has labels: it implements training_labels() or "
+            "class_frequencies()"
+        )
+
     def network_sizes(self) -> dict:
         """The network arguments the data fixes: ``dim`` for points (D,), ``in_channels`` and
         ``image_size`` (S, or [H, W] when not square) for images (C, H, W)."""
@@ -117,6 +133,7 @@ class FlowDataModule(L.LightningDataModule):
             "class_names": list(self.class_names) if self.class_names else None,
             "p_uncond": float(self.p_uncond),
             "conditioning": self.conditioning,
+            "class_frequencies": self.class_frequencies(),
         }
 
 

@@ -103,6 +103,10 @@ class CIFAR10DataModule(FlowDataModule):
             "test": _read(folder / "test_batch"),
         }
 
+    def training_labels(self) -> Tensor:
+        self.setup()
+        return self.splits["train"][1]
+
     def _loader(self, split: str, generator=None, shard=(0, 1), flip=False) -> DataLoader:
         self.setup()
         images, labels = self.splits[split]

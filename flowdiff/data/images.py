@@ -132,6 +132,9 @@ class ImageFolderDataModule(FlowDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.cache()
 
+    def training_labels(self) -> Tensor:
+        return self.tensors()[1][self.split()[0]]
+
     def _loader(self, rows: Tensor, generator=None, shard=(0, 1), flip=False) -> DataLoader:
         images, labels = self.tensors()
         batches = Batches(images, labels, self.hparams.batch_size, generator, *shard, rows, flip)

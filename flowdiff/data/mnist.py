@@ -89,6 +89,10 @@ class MNISTDataModule(FlowDataModule):
             "test": (test_images, test_labels),
         }
 
+    def training_labels(self) -> Tensor:
+        self.setup()
+        return self.splits["train"][1]
+
     def _shape(self, images: Tensor) -> Tensor:
         """(N, 28, 28) uint8 to (N, *data_shape), padded with 0 (-1 once scaled)."""
         images = images.unsqueeze(1)

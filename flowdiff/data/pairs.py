@@ -158,6 +158,9 @@ class TensorPairsDataModule(FlowDataModule):
     def captions(self) -> list[str]:
         return self.y.index_select(0, self.train_rows) if self.captioned else super().captions()
 
+    def training_labels(self) -> Tensor:
+        return self.y[self.train_rows]
+
     def _convert(self, x: Tensor) -> Tensor:
         from flowdiff.metrics.pixels import pixels_to_float
 

@@ -203,6 +203,12 @@ class ToyDataModule(FlowDataModule):
         self.p_uncond = float(p_uncond)
         self.data_shape = (2,)
 
+    def class_frequencies(self) -> list[float] | None:
+        """The mixture's weights; the named datasets draw every class alike."""
+        if isinstance(self.sampler, GaussianMixture):
+            return self.sampler.weights.tolist()
+        return [1.0 / self.num_classes] * self.num_classes
+
     def reference(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` fresh data points and labels from a generator seeded with ``seed``."""
         return self.sampler(n, torch.Generator().manual_seed(seed))

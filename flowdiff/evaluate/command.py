@@ -244,7 +244,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     cfg = build_parser().parse_args(comma_lists(argv, LIST_FLAGS))
     cfg.guidance, cfg.steps = plain(cfg.guidance, float), plain(cfg.steps, int)
     from flowdiff.checkpoint import load_run
-    from flowdiff.inference import InferenceNetwork, resolve_precision
+    from flowdiff.inference import InferenceNetwork, network_speed
 
     ckpt = Path(cfg.ckpt)
     compared = [Report.read(path) for path in cfg.compare or []]  # unreadable: refused now
@@ -277,8 +277,10 @@ def evaluate_main(argv: list[str]) -> Path | None:
             raise UsageError(f"output directory {str(plan.out)!r} is not writable")
         evaluator.prepare(plan.num_samples, lambda m: log(fabric, m))
     model.to(fabric.device)
-    precision = resolve_precision(cfg.precision, run.checkpoint.get("precision"), fabric.device)
-    model.inference = InferenceNetwork(model.net, precision, cfg.compile)
+    speed = network_speed(cfg.precision, cfg.compile, fabric.device)
+    if rank0:
+        print(speed.line())
+    model.inference = InferenceNetwork(model.net, speed.precision, speed.compile)
 
     rows = []
     for i, (sampler, w, interval) in enumerate(plan.rows, 1):
@@ -297,7 +299,7 @@ def evaluate_main(argv: list[str]) -> Path | None:
     straight = measure_straightness(fabric, model, plan, cfg.seed) if straightness else None
     if not rank0:
         return None
-    protocol["network precision"] = precision + (", compiled" if cfg.compile else "")
+    protocol["network precision"] = speed.precision + (", compiled" if speed.compile else "")
     protocol.update(evaluator.protocol(plan.num_samples))
     report = Report(protocol, evaluator.columns, rows, evaluator.floor, nll, straight)
     print(report.table())

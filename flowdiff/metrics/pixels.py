@@ -41,7 +41,8 @@ def dequantize(
     Args:
         pixels: integer pixel values ``v`` in [0, 255], any shape (B, *D).
         generator: source of ``u`` (the global generator when None).
-        scale, offset: the affine map ``x = scale v + offset`` the model was trained with.
+        scale: the slope of the affine map ``x = scale v + offset`` the model was trained with.
+        offset: its offset.
         dtype: floating dtype of the result.
 
     Returns:

@@ -10,6 +10,8 @@ import ot
 import torch
 from torch import Tensor
 
+from flowdiff.utils import UsageError
+
 _OPTIMAL, _MAX_ITER_REACHED = 1, 3  # POT's network-simplex result codes
 
 
@@ -43,9 +45,18 @@ def _check_emd(log: dict, max_iterations: int) -> None:
 
 
 def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] = (0.1, 0.3, 1.0, 3.0)) -> float:
-    """Unbiased squared MMD with the sum of RBF kernels ``exp(-|a - b|^2 / (2 h^2))`` over ``h``."""
+    """Unbiased squared MMD with the sum of RBF kernels ``exp(-|a - b|^2 / (2 h^2))`` over ``h``.
+
+    x: (N, *D), y: (M, *D) with N, M >= 2: the unbiased within-set terms average over the
+    N (N - 1) pairs of distinct points, which a set of one point does not have.
+    """
     x, y = x.detach().double().flatten(1), y.detach().double().flatten(1)
     n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise UsageError(
+            f"MMD needs at least 2 points in each set (its unbiased estimate averages over pairs "
+            f"of distinct points), got {n} and {m}"
+        )
 
     def kernel(a: Tensor, b: Tensor) -> Tensor:
         d2 = torch.cdist(a, b).square()

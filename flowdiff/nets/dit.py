@@ -138,6 +138,14 @@ class DiT(Recorded, nn.Module):
         for linear in [*zero, self.final_adaln, self.output]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        # The condition's two terms at one scale, N(0, 0.02^2) as the paper: nn.Embedding's N(0, 1)
+        # label table would swamp the time embedding in c (std ~1 against ~0.1).
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.embedding.weight, std=0.02)
+        for linear in self.time_embed.mlp:
+            if isinstance(linear, nn.Linear):
+                nn.init.normal_(linear.weight, std=0.02)
+                nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor, t: Tensor, y=None) -> Tensor:
         """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes], a

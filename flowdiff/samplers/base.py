@@ -59,6 +59,9 @@ class Sampler(Recorded):
 
     name: str = ""
     needs_average_velocity: bool = False  # jumps along field.average_velocity (MeanFlow)
+    # x(t_1) is a function of x_0 alone (ODE solvers, MeanFlow's jumps). False: the sampler draws
+    # noise from the generator as it goes (an SDE), so x_0 -> x(t_1) is no deterministic coupling.
+    deterministic: bool = True
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args.items() if v is not None)

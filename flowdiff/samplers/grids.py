@@ -95,7 +95,8 @@ class EDMGrid(TimeGrid):
 
     Args:
         rho: the spacing's exponent (EDM: 7; 1 spaces ``sigma`` evenly).
-        sigma_min, sigma_max: EDM's noise range (0.002 and 80).
+        sigma_min: the low end of EDM's noise range (0.002).
+        sigma_max: its high end (80).
     """
 
     name = "edm"

@@ -53,6 +53,11 @@ class EulerMaruyamaSampler(FixedGridSampler):
             )
         self.sigma, self.sigma_schedule = float(sigma), sigma_schedule
 
+    @property
+    def deterministic(self) -> bool:
+        """Only without diffusion (sigma = 0, an Euler ODE solver) does it draw no noise."""
+        return self.sigma == 0
+
     def sigma_t(self, field, t: Tensor, h: Tensor | None = None) -> Tensor:
         """The diffusion at ``t``; with the step ``h``, capped at ``beta_t / sqrt(|h|)``."""
         beta_t = field.path.schedule(t).beta_t
