@@ -292,19 +292,19 @@ def size_text(model, datamodule) -> None:
         encoder = model["text_encoder"] = Namespace(class_path=DEFAULT_TEXT_ENCODER)
     if encoder.get("init_args") is None:
         encoder["init_args"] = Namespace()
+    net = model["net"]
+    parameters = inspect.signature(import_class(net["class_path"]).__init__).parameters
+    if "text_dim" not in parameters:  # before the captions: an image folder decodes to split
+        raise UsageError(
+            f"the data is captioned but {net['class_path']} reads no text; use a network with "
+            "text_dim (flowdiff.nets.dit.DiT, flowdiff.nets.unet.UNet)"
+        )
     cls = import_class(encoder["class_path"])
     args = encoder["init_args"]
     plain = args.as_dict() if isinstance(args, Namespace) else dict(args)
     cls.from_data(plain, datamodule.captions())
     for key, value in plain.items():
         args[key] = value
-    net = model["net"]
-    parameters = inspect.signature(import_class(net["class_path"]).__init__).parameters
-    if "text_dim" not in parameters:
-        raise UsageError(
-            f"the data is captioned but {net['class_path']} reads no text; use a network with "
-            "text_dim (flowdiff.nets.dit.DiT)"
-        )
     net["init_args"]["text_dim"] = cls.width(plain)
 
 

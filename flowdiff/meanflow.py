@@ -69,6 +69,9 @@ class MeanFlow(Objective):
             u_theta(x_t, t, t | null)`` (no gradient through the second term) instead of ``v``, so
             the conditional network learns the guided field at w and samples it at 1 NFE with no
             guidance at sampling time. 1: no guidance (a conditional model as any other).
+            Above 1 it needs a network with labels and data with label dropout (``p_uncond >
+            0``, which trains the null branch it mixes in): :meth:`check` and
+            :meth:`check_data` refuse it otherwise.
     """
 
     prediction: Prediction = "velocity"

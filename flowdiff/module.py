@@ -7,7 +7,6 @@ callbacks (:mod:`flowdiff.callbacks`).
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Literal
 
@@ -18,13 +17,13 @@ from torch import Tensor, nn
 
 from flowdiff.config import build, describe
 from flowdiff.couplings import Coupling, get_coupling
-from flowdiff.fields import ModelField
+from flowdiff.generation import Generation
 from flowdiff.inference import InferenceNetwork
 from flowdiff.objectives import Objective
 from flowdiff.paths import GaussianConditionalPath
-from flowdiff.samplers import EulerSampler, Sampler, SampleResult
+from flowdiff.samplers import EulerSampler, Sampler
 from flowdiff.speed import choose, device_kind
-from flowdiff.text import TextCondition, TextEncoder
+from flowdiff.text import TextCondition, TextEncoder, check_text_network
 from flowdiff.utils import UsageError
 
 # The cosine learning-rate schedule moves every 10 optimizer steps: a scheduler step costs ~3% of
@@ -32,7 +31,7 @@ from flowdiff.utils import UsageError
 LR_UPDATE_EVERY = 10
 
 
-class FlowModule(L.LightningModule):
+class FlowModule(Generation, L.LightningModule):
     """Flow matching / score matching on a Gaussian probability path.
 
     Args:
@@ -95,7 +94,7 @@ class FlowModule(L.LightningModule):
                 f"the network has {classes} classes but the data has {num_classes}; set "
                 f"model.net.init_args.num_classes to {num_classes} (or 0 for no labels)"
             )
-        check_text(net, text_encoder)
+        check_text_network(net, text_encoder)
         if lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.coupling = get_coupling(coupling)
@@ -112,13 +111,13 @@ class FlowModule(L.LightningModule):
         self.compile_net, self._first_step_start, self._compile_said = compile, None, False
         # The network as sampling runs it (flowdiff.inference; None: self.net as it is).
         self.inference: InferenceNetwork | None = None
-        if self.data_shape is not None:
-            self._layout()
+        self.net.to(memory_format=self.memory_format)
 
-    def _layout(self) -> None:
-        if len(self.data_shape) == 3:
-            # Convolutions on a CPU run ~20% faster on NHWC than on NCHW tensors.
-            self.net.to(memory_format=torch.channels_last)
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout the network asks its weights and inputs in (the Network contract's optional
+        ``memory_format``; contiguous when it states none)."""
+        return getattr(self.net, "memory_format", torch.contiguous_format)
 
     @property
     def conditional(self) -> bool:
@@ -160,7 +159,6 @@ class FlowModule(L.LightningModule):
             self.data_info = describe_data()
             if self.data_shape is None:
                 self.data_shape = list(self.data_info["data_shape"])
-                self._layout()
 
     def check_data(self, datamodule) -> None:
         """Refuse data this model cannot train on: the ``stored`` coupling needs stored noise."""
@@ -186,7 +184,6 @@ class FlowModule(L.LightningModule):
         self.data_info = dict(checkpoint.get("data") or {})
         if self.data_shape is None and self.data_info.get("data_shape") is not None:
             self.data_shape = list(self.data_info["data_shape"])
-            self._layout()
 
     def init_weights(self, checkpoint: dict, name: str = "the checkpoint") -> None:
         """Start from the network weights of a flowdiff ``checkpoint`` (its EMA weights when it
@@ -232,8 +229,7 @@ class FlowModule(L.LightningModule):
     ) -> Tensor:
         """The objective's mean over a batch of data ``z`` with labels ``y`` (and the noise
         ``x_0`` the data stored with it, which the ``stored`` coupling uses)."""
-        if z.ndim == 4:
-            z = z.contiguous(memory_format=torch.channels_last)
+        z = z.contiguous(memory_format=self.memory_format)
         y = self.condition(y)
         t = self.path.sample_time(z.shape[0], z.device, z.dtype, generator)
         eps = torch.empty_like(z).normal_(generator=generator)  # keeps z's memory format
@@ -272,98 +268,3 @@ class FlowModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         schedule = {"scheduler": scheduler, "interval": "step", "frequency": every}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-    # -- sampling -------------------------------------------------------------------------------
-
-    def field(
-        self,
-        y: Tensor | None = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-    ) -> ModelField:
-        """The network as a field for the samplers, guided when labels and a scale are given
-        (only for ``a <= t <= b`` with a ``guidance_interval``)."""
-        null = getattr(self.net, "num_classes", 0) if self.conditional else None
-        prediction = self.objective.prediction
-        net = self.inference if self.inference is not None else self.net
-        return ModelField(net, self.path, prediction, y, guidance, null, guidance_interval)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], per_prompt: int) -> tuple[TextCondition, Tensor]:
-        """The condition of ``per_prompt`` samples of each prompt, prompt after prompt, and the
-        index of each sample's prompt (a text model only)."""
-        if self.text_encoder is None:
-            raise UsageError("prompts need a model trained on captions; this one has no text")
-        condition = self.text_encoder(list(prompts)).repeat_interleave(per_prompt)
-        return condition, torch.arange(len(prompts)).repeat_interleave(per_prompt)
-
-    def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """``x_0 ~ N(0, I)`` (num_samples, *data_shape), drawn on the CPU (the same numbers
-        whatever the device) and moved to the model's device."""
-        x_0 = torch.randn(num_samples, *self.data_shape, generator=generator, device="cpu")
-        return x_0.to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        sampler: Sampler | None = None,
-        y: Tensor | TextCondition | None = None,
-        guidance: float | None = None,
-        generator: torch.Generator | None = None,
-        return_trajectory: bool = False,
-        batch_size: int | None = None,
-        progress: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
-        x_0: Tensor | None = None,
-    ) -> SampleResult:
-        """Integrate from ``x_0 ~ N(0, I)`` (:meth:`noise`, or the ``x_0`` given) at ``t_min`` to
-        t = 1 with ``sampler``.
-
-        ``batch_size`` splits the work into chunks (the noise is drawn at once, so the samples do
-        not depend on it): a CPU runs a small U-Net ~2x faster on batches of ~250 images than on
-        batches of 2,000, whose activations no longer fit in its caches. ``progress`` shows a
-        progress bar over the chunks when stderr is a terminal. The NFE is the largest any chunk
-        used (an adaptive solver may use different counts).
-        """
-        sampler = sampler or self.sampler
-        x_0 = self.noise(num_samples, generator) if x_0 is None else x_0.to(self.device, self.dtype)
-        if x_0.ndim == 4:
-            x_0 = x_0.contiguous(memory_format=torch.channels_last)
-        size = batch_size or num_samples
-        results = []
-        starts = range(0, num_samples, size)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="sampling", unit="batch", disable=not sys.stderr.isatty())
-        for start in starts:
-            y_chunk = y[start : start + size] if y is not None else None
-            field = self.field(y_chunk, guidance, guidance_interval)
-            x = x_0[start : start + size]
-            results.append(
-                sampler.sample(field, x, self.path.t_min, 1.0, return_trajectory, generator)
-            )
-        if len(results) == 1:
-            return results[0]
-        trajectory = None
-        if return_trajectory:
-            trajectory = torch.cat([r.trajectory for r in results], dim=1)
-        nfe = max(r.nfe for r in results)
-        return SampleResult(torch.cat([r.x for r in results]), trajectory, nfe)
-
-
-def check_text(net: nn.Module, text_encoder: TextEncoder | None) -> None:
-    """A network reads text exactly when there is a text encoder, of the encoder's width."""
-    text_dim = int(getattr(net, "text_dim", 0) or 0)
-    if text_encoder is None and text_dim:
-        raise UsageError(
-            f"the network reads text (text_dim {text_dim}) but the model has no text encoder; "
-            "set model.text_encoder (captioned data gets flowdiff.text.TrainedTextEncoder)"
-        )
-    if text_encoder is not None and text_dim != text_encoder.dim:
-        what = "reads no text" if not text_dim else f"reads text of width {text_dim}"
-        raise UsageError(
-            f"the network {what} but the text encoder gives width {text_encoder.dim}; set "
-            f"model.net.init_args.text_dim {text_encoder.dim} (a network that takes text_dim)"
-        )

@@ -90,11 +90,20 @@ def skip_nvml_probe_without_driver() -> bool:
 def stable_compile_cache() -> str | None:
     """Keep torch.compile's caches (inductor's FX graphs and kernels, AOTAutograd's) in the
     user's cache directory, so that a second ``fit`` or ``sample`` of the same network loads the
-    compiled code instead of compiling it again: ``$TORCHINDUCTOR_CACHE_DIR`` when set (kept as
-    it is), else ``$FLOWDIFF_CACHE/inductor``, ``$XDG_CACHE_HOME/flowdiff/inductor`` or
-    ``~/.cache/flowdiff/inductor``. Inductor's own default is a folder in ``/tmp``, which many
-    machines empty at every boot. Returns the folder set (None: the setting was left alone)."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    compiled code instead of compiling it again: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set
+    it (kept as it is), else ``$FLOWDIFF_CACHE/inductor``, ``$XDG_CACHE_HOME/flowdiff/inductor``
+    or ``~/.cache/flowdiff/inductor``. Inductor's own default is a folder in ``/tmp``, which many
+    machines empty at every boot, and which importing ``torch._dynamo`` (Lightning does) writes
+    into ``$TORCHINDUCTOR_CACHE_DIR``: that value is not the user's, and is replaced. Call it
+    before anything compiles. Returns the folder set (None: the setting was left alone)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # private, torch <= 2.14 (pyproject)
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        inductors_own = os.path.abspath(default_cache_dir())
+    except (ImportError, AttributeError):
+        inductors_own = None
+    if current and os.path.abspath(current) != inductors_own:
         return None
     if os.environ.get("FLOWDIFF_CACHE"):
         folder = Path(os.environ["FLOWDIFF_CACHE"]) / "inductor"

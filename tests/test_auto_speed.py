@@ -255,7 +255,10 @@ def test_the_compile_cache_lives_in_the_users_cache_directory(monkeypatch, tmp_p
 
 
 def test_the_command_sets_the_cache_before_anything_compiles(monkeypatch, tmp_path, run_cli):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # what importing torch._dynamo (with Lightning) writes there: inductor's own /tmp default
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.delenv("FLOWDIFF_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     run_cli("sample", "--help")

@@ -200,3 +200,14 @@ def test_reflow_on_two_ranks_writes_the_pairs_of_one(tmp_path):
         pairs.append(torch.load(out, weights_only=True))
     for key in ("x", "x_0"):
         assert torch.equal(pairs[0][key], pairs[1][key])
+    # --overwrite on two ranks: rank 0 alone removes the old parts once the ranks are connected.
+    out = tmp_path / "pairs2.pt"
+    (tmp_path / "pairs2.pt.parts").mkdir()
+    (tmp_path / "pairs2.pt.parts" / "chunk-000000.pt").write_bytes(b"stale")
+    cmd = [str(flowdiff), "reflow", "--ckpt", str(ckpt), "--num-pairs", "250", "--batch-size",
+           "100", "--out", str(out), "--devices", "2", "--overwrite", "true"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = torch.load(out, weights_only=True)
+    for key in ("x", "x_0"):
+        assert torch.equal(again[key], pairs[0][key])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import TINY
+from test_image_captions import TINY_DIT, write_metadata
 from test_images import write_folder
 from test_mnist_cli import TINY_UNET
 from test_mnist_data import write_fake_mnist
@@ -37,6 +38,13 @@ TINY_FIT = {
         "--model.net.init_args.channels", "[8, 16]", "--model.net.init_args.norm_groups", "4",
         "--trainer.max_steps", "2", "--trainer.logger", "false",
         "--validation.num_samples", "6", "--model.sampler.init_args.steps", "2",
+    ],
+    "images_text.yaml": [
+        "--data.init_args.image_size", "8", "--data.init_args.batch_size", "4",
+        "--data.init_args.cache_dir", "cache", "--data.init_args.decode_workers", "1",
+        *TINY_DIT, "--model.text_encoder.init_args.dim", "8",
+        "--model.text_encoder.init_args.num_heads", "2", "--trainer.max_steps", "2",
+        "--trainer.logger", "false", "--model.sampler.init_args.steps", "2",
     ],
 }  # fmt: skip
 
@@ -69,7 +77,9 @@ def test_the_quick_start_is_included_by_the_site_from_the_readme():
 def test_each_quick_start_block_runs_as_written(heading, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)  # the repository's root: runs/ and data/ are written here
     images = write_folder(tmp_path / "my-images", per_class=4)
+    captioned = write_metadata(tmp_path / "my-captioned-images")
     for line in quick_start()[heading]:
+        line = line.replace("PATH/TO/CAPTIONED/IMAGES", str(captioned))
         words = shlex.split(line.replace("PATH/TO/IMAGES", str(images)))
         if words == ["make", "data"]:
             write_fake_mnist(tmp_path / "data")

@@ -309,19 +309,34 @@ def test_interval_input_leaves_other_networks_alone():
 
 
 def test_a_short_training_run_samples_the_target_in_one_step():
-    """MeanFlow from scratch on one Gaussian: one jump from noise lands near N(mu, s^2 I)."""
+    """MeanFlow from scratch on one Gaussian N(mu, s^2 I): one jump from noise ``x_0`` lands near
+    the exact average velocity's jump, ``mu + s x_0`` (on any Gaussian path).
+
+    The bound follows from what a jump without MeanFlow gives: flow matching's exact field at
+    t = 0 on the linear path is ``v(x, 0) = mu - x`` (``E[z | x_0] = mu``), so its one Euler
+    jump lands every ``x_0`` on ``mu``, at a mean distance ``s E||x_0|| = s sqrt(pi / 2) = 0.63``
+    from the exact jump (``||x_0||`` is chi-distributed with 2 degrees of freedom). The trained
+    jump must remove three quarters of that distance. Over 4,000 points the statistic's own
+    spread is ~0.005 (``s sqrt(2 - pi / 2) / sqrt(4000)`` for the flow-matching jump), far
+    below the bound; what is left is training, run long enough (600 steps, cosine decay to 0)
+    that every CPU kernel set (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and seed lands
+    well inside it. Power 0: the plain squared error, whose minimiser is the exact average
+    velocity; the adaptive weight converges more slowly on this small network."""
+    mu, s = torch.tensor([2.0, -1.0]), 0.5
     torch.manual_seed(0)
-    mixture = {"means": [[2.0, -1.0]], "stds": 0.5}
-    data = ToyDataModule("mixture", batch_size=256, batches_per_epoch=400, mixture=mixture)
+    mixture = {"means": [mu.tolist()], "stds": s}
+    data = ToyDataModule("mixture", batch_size=256, batches_per_epoch=600, mixture=mixture)
     model = FlowModule(MLP(2, hidden=64, depth=2, num_classes=0, interval=True),
-                       exact_path("linear"), MeanFlow(interval_fraction=0.5),
-                       MeanFlowSampler(1),
-                       optimizer=functools.partial(torch.optim.Adam, lr=3e-3))  # fmt: skip
-    L.Trainer(max_steps=400, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       exact_path("linear"), MeanFlow(interval_fraction=0.5, power=0.0),
+                       MeanFlowSampler(1), optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+                       lr_schedule="cosine")  # fmt: skip
+    L.Trainer(max_steps=600, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(model, data)  # fmt: skip
-    x = model.sample(4000, generator=torch.Generator().manual_seed(0)).x
-    assert (x.mean(0) - torch.tensor([2.0, -1.0])).abs().max() < 0.1, x.mean(0)
-    assert (x.std(0) / 0.5 - 1).abs().max() < 0.2, x.std(0)
+    x_0 = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    x = model.sample(4000, x_0=x_0).x
+    distance = (x - (mu + s * x_0)).norm(dim=1).mean()
+    flow_matching_jump = s * math.sqrt(math.pi / 2)
+    assert distance < flow_matching_jump / 4, distance
     # The objective is CFM's at interval_fraction 0 (r = t everywhere) with power 0.
     sample = model.path.sample(torch.randn(16, 2), torch.rand(16))
     cfm = ConditionalFlowMatching().loss(model.net, sample, model.path)

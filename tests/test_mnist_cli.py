@@ -4,6 +4,8 @@ import pytest
 import torch
 from test_mnist_data import write_fake_mnist
 
+from flowdiff.evaluate.sharding import chunk_generator
+
 TINY_UNET = [
     "--model.net.init_args.channels", "[8, 16]",
     "--model.net.init_args.num_res_blocks", "1",
@@ -112,7 +114,17 @@ def test_mnist_reflow_config_trains_on_a_guided_teachers_pairs(fake_mnist, run_c
     assert code == 0, err
     content = torch.load(pairs, weights_only=True)
     assert content["x"].shape == content["x_0"].shape == (30, 1, 28, 28)
-    assert content["y"].tolist() == [k % 10 for k in range(30)]
+    # Labels from the class frequencies the teacher recorded of its data, drawn by each chunk's
+    # generator after its noise.
+    frequencies = torch.load(teacher_ckpt, weights_only=True)["data"]["class_frequencies"]
+    assert len(frequencies) == 10 and abs(sum(frequencies) - 1) < 1e-12
+    assert content["teacher"]["class_frequencies"] == frequencies
+    for c in range(3):
+        g = chunk_generator(0, c)
+        torch.randn(10, 1, 28, 28, generator=g)
+        y = torch.multinomial(torch.tensor(frequencies, dtype=torch.float64), 10,
+                              replacement=True, generator=g)  # fmt: skip
+        assert torch.equal(content["y"][10 * c : 10 * (c + 1)], y)
     student = tmp_path / "student"
     code, _, err = run_cli("fit", "--config", "mnist_reflow.yaml", "--data.init_args.path", pairs,
                            "--init_from", teacher_ckpt, "--trainer.default_root_dir", student,

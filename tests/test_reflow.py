@@ -272,8 +272,11 @@ def test_two_rectified_flow_recovers_a_linear_map(tmp_path):
     x = torch.randn(500, 2, generator=g)
     with torch.no_grad():
         one_step = EulerSampler(1).sample(model.field(), x, 0.0, 1.0).x
+    # The bound is a share of what is checked: the jump covers a mean distance
+    # E||(A - I) x_0 + b|| (1.23); the student's one step must land within a tenth of it.
     error = (one_step - (x @ a.T + b)).norm(dim=1)
-    assert error.mean() < 0.1, error.mean()
+    travel = (x @ a.T + b - x).norm(dim=1)
+    assert error.mean() < travel.mean() / 10, (error.mean(), travel.mean())
 
 
 def test_a_logger_gets_both_paths(teachers, tmp_path):

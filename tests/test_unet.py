@@ -119,6 +119,46 @@ def test_channels_last_matches_contiguous():
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
 
 
+class ConvNet(torch.nn.Module):
+    """A convolution on (B, 2, 8, 8) images that records the layout of its inputs; it states a
+    ``memory_format`` only when given one."""
+
+    num_classes = 0
+
+    def __init__(self, memory_format: torch.memory_format | None = None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        if memory_format is not None:
+            self.memory_format = memory_format
+        self.inputs_channels_last: list[bool] = []
+
+    def forward(self, x, t, y=None):
+        self.inputs_channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("stated", [None, torch.channels_last])
+def test_the_network_chooses_its_memory_format(stated):
+    """The module puts a network's weights, training inputs and sampling noise in the layout the
+    network states, and leaves one that states none contiguous, whatever the rank of the data
+    (it used to put every network on 4-D data in channels_last)."""
+    from flowdiff.module import FlowModule
+    from flowdiff.objectives import ConditionalFlowMatching
+    from flowdiff.paths import GaussianConditionalPath
+    from flowdiff.samplers import EulerSampler
+
+    net = ConvNet(stated)
+    model = FlowModule(net, GaussianConditionalPath(), ConditionalFlowMatching(), EulerSampler(1),
+                       data_shape=[2, 8, 8])  # fmt: skip
+    channels_last = stated is torch.channels_last
+    assert model.memory_format == (stated or torch.contiguous_format)
+    assert net.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    model.loss(torch.randn(4, 2, 8, 8), torch.zeros(4, dtype=torch.long))
+    model.sample(3)
+    assert net.inputs_channels_last == [channels_last, channels_last]
+    assert UNet.memory_format is torch.channels_last
+
+
 def test_bf16_autocast_runs_and_stays_close():
     net = perturbed(small(attention_levels=[1]))
     x, t = inputs()

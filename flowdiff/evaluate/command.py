@@ -102,7 +102,8 @@ def build_parser() -> ArgumentParser:
         type=bool | None,
         default=None,
         help="Measure the straightness of the model's ODE trajectories (Euler, 100 steps; "
-        "default: for points, not for images, where it costs as much as a 100-step row).",
+        "default: as the data's evaluator says: for points, not for images, where it costs as "
+        "much as a 100-step row).",
     )
     add("--data-dir", type=str | None, default=None, help="Data directory (default: the run's).")
     add(
@@ -159,7 +160,7 @@ def draw(
     nfe = []
 
     def work(c, lo, hi):
-        y = plan.labels[lo:hi].to(model.device) if guidance is not None else None
+        y = chunk_condition(model, plan.labels, lo, hi) if guidance is not None else None
         g = chunk_generator(seed, c)
         result = model.sample(
             hi - lo, sampler, y=y, guidance=guidance, generator=g, guidance_interval=interval
@@ -175,6 +176,14 @@ def draw(
     return samples, int(most)
 
 
+def chunk_condition(model, labels, lo: int, hi: int):
+    """The condition of rows ``lo..hi``: labels on the model's device, or captions encoded."""
+    if model.reads_text:
+        with torch.no_grad():
+            return model.condition(labels[lo:hi])
+    return labels[lo:hi].to(model.device)
+
+
 def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
     """The data's likelihood under the model: the unconditional field when the model learned it
     (label dropout), else the field conditioned on the data's labels (``log p(x|y)``)."""
@@ -184,6 +193,8 @@ def likelihood(fabric, model, evaluator, plan: Plan, probes: int) -> dict:
     data = evaluator.likelihood_data(plan.nll_samples)
     if not model.conditional:
         labels, conditioning = None, "unconditional"
+    elif model.reads_text:  # y=None is the null caption
+        labels, conditioning = None, "unconditional (null caption)"
     elif model.p_uncond > 0:
         labels = torch.full((len(data.x),), model.net.num_classes)
         conditioning = "unconditional (null label)"
@@ -226,7 +237,7 @@ def measure_straightness(fabric, model, plan: Plan, seed: int) -> dict:
     from flowdiff.straightness import straightness
 
     def work(c, lo, hi):
-        y = plan.labels[lo:hi].to(model.device) if model.conditional else None
+        y = chunk_condition(model, plan.labels, lo, hi) if model.conditional else None
         x_0 = model.noise(hi - lo, chunk_generator(seed, c))
         return straightness(model.field(y), x_0, model.path.t_min, 1.0, STRAIGHTNESS_STEPS)
 
@@ -295,7 +306,9 @@ def evaluate_main(argv: list[str]) -> Path | None:
         log(fabric, f"[{i}/{len(plan.rows)}] {sampler!r}{scale}: NFE {nfe}, "
             f"{plan.num_samples} samples in {seconds:.1f} s")  # fmt: skip
     nll = likelihood(fabric, model, evaluator, plan, cfg.probes) if cfg.nll else None
-    straightness = cfg.straightness if cfg.straightness is not None else len(model.data_shape) == 1
+    straightness = cfg.straightness
+    if straightness is None:
+        straightness = evaluator.measures_straightness
     straight = measure_straightness(fabric, model, plan, cfg.seed) if straightness else None
     if not rank0:
         return None

@@ -43,13 +43,14 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image tokens h (b, n, d) attend to text tokens (b, l, d) where ``mask`` (b, l) is True."""
+    """Image tokens h (b, n, d) attend to text tokens (b, l, e) where ``mask`` (b, l) is True;
+    ``text_width`` e is d unless given (a U-Net's levels differ in width, its text does not)."""
 
-    def __init__(self, hidden: int, num_heads: int):
+    def __init__(self, hidden: int, num_heads: int, text_width: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.kv = nn.Linear(text_width or hidden, 2 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
     def forward(self, h: Tensor, text: Tensor, mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""A time- and label-conditioned U-Net for images, with an optional label embedding (null class).
+"""A time- and label- (or text-) conditioned U-Net for images, with a null condition for CFG.
 
 Layout for ``channels=(32, 64, 128)`` on a 28x28 image (the course's MNIST U-Net)::
 
@@ -18,6 +18,11 @@ Skips are added, not concatenated, and the up-sampling conv runs at the coarse r
 3x3 convolution then costs about the same (channels double as pixels quarter), and the network
 stays cheap per image. Strided down-sampling rounds up (``ceil(H / 2)``) and up-sampling resizes to
 the skip's exact size, so any H, W work, odd ones included.
+
+A text-conditioned U-Net (``text_dim`` > 0) adds the pooled text to the time embedding, as the
+label embedding is added, and ends every attention stage with cross-attention to the text tokens
+(:class:`flowdiff.nets.unet_blocks.TextAttention`; the blocks live in
+:mod:`flowdiff.nets.unet_blocks`).
 """
 
 from __future__ import annotations
@@ -25,108 +30,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from flowdiff.config import Recorded
 from flowdiff.nets.embeddings import LabelEmbedding, time_embeddings
+from flowdiff.nets.text import TextEmbedder
+from flowdiff.nets.unet_blocks import (
+    NORMS,
+    ResBlock,
+    SelfAttention,
+    Stage,
+    TextAttention,
+    make_norm,
+)
+from flowdiff.utils import UsageError
 
-NORMS = ("group", "batch")
-
-
-def _norm(kind: str, channels: int, groups: int) -> nn.Module:
-    return nn.GroupNorm(groups, channels) if kind == "group" else nn.BatchNorm2d(channels)
-
-
-class ResBlock(nn.Module):
-    """``h + conv(SiLU(norm(conv(SiLU(norm(h))) + W emb)))``: a pre-activation residual block.
-
-    The embedding enters as a per-channel shift after the first convolution.
-
-    Args:
-        channels: channels C in and out.
-        embed_dim: size E of the (time + label) embedding.
-        norm: ``"group"`` or ``"batch"``.
-        norm_groups: groups of GroupNorm.
-        dropout: dropout probability before the second convolution.
-    """
-
-    def __init__(self, channels: int, embed_dim: int, norm: str, norm_groups: int, dropout: float):
-        super().__init__()
-        self.norm1 = _norm(norm, channels, norm_groups)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.embed_proj = nn.Linear(embed_dim, channels)
-        self.norm2 = _norm(norm, channels, norm_groups)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        """h: (B, C, H, W); emb: (B, E), already through SiLU. Returns (B, C, H, W)."""
-        r = self.conv1(F.silu(self.norm1(h)))
-        r = r + self.embed_proj(emb)[:, :, None, None]
-        r = self.conv2(self.dropout(F.silu(self.norm2(r))))
-        return h + r
-
-
-class SelfAttention(nn.Module):
-    """``h + W_o MultiHeadAttention(norm(h))`` over the H*W positions of a feature map.
-
-    Args:
-        channels: channels C, split into ``num_heads`` heads.
-        num_heads: attention heads.
-        norm: ``"group"`` or ``"batch"``.
-        norm_groups: groups of GroupNorm.
-    """
-
-    def __init__(self, channels: int, num_heads: int, norm: str, norm_groups: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = _norm(norm, channels, norm_groups)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.out = nn.Linear(channels, channels)
-
-    def forward(self, h: Tensor) -> Tensor:
-        """h: (B, C, H, W). Returns (B, C, H, W)."""
-        height = h.shape[-2]
-        tokens = rearrange(self.norm(h), "b c h w -> b (h w) c")
-        q, k, v = rearrange(
-            self.qkv(tokens),
-            "b n (three heads d) -> three b heads n d",
-            three=3,
-            heads=self.num_heads,
-        )
-        a = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
-        return h + rearrange(self.out(a), "b (h w) c -> b c h w", h=height)
-
-
-class Stage(nn.Module):
-    """``num_res_blocks`` residual blocks at one resolution, then optional self-attention."""
-
-    def __init__(
-        self,
-        channels: int,
-        embed_dim: int,
-        num_res_blocks: int,
-        attention: bool,
-        num_heads: int,
-        norm: str,
-        norm_groups: int,
-        dropout: float,
-    ):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            ResBlock(channels, embed_dim, norm, norm_groups, dropout) for _ in range(num_res_blocks)
-        )
-        self.attention = (
-            SelfAttention(channels, num_heads, norm, norm_groups) if attention else None
-        )
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        """h: (B, C, H, W); emb: (B, E). Returns (B, C, H, W)."""
-        for block in self.blocks:
-            h = block(h, emb)
-        return h if self.attention is None else self.attention(h)
+ZERO_INIT_BLOCKS = (ResBlock, SelfAttention, TextAttention)  # each lists its zero_init() layers
 
 
 class UNet(Recorded, nn.Module):
@@ -138,8 +59,8 @@ class UNet(Recorded, nn.Module):
     level ``L-1`` the midcoder (see the module docstring). Any H, W work.
 
     With ``zero_init`` the second convolution of every residual block, the output projection of
-    every attention block and the output convolution start at zero: each block starts as the
-    identity and the network's output starts at 0.
+    every attention block (self- and cross-) and the output convolution start at zero: each block
+    starts as the identity and the network's output starts at 0.
 
     Args:
         in_channels: image channels C.
@@ -157,7 +78,16 @@ class UNet(Recorded, nn.Module):
         zero_init: start the residual branches and the output at zero.
         interval: take a second time ``r``: an average velocity ``u(x, t, r)`` (see ``MLP``).
         time_scale: the time embedding's scale (None: 1000, or 1 with ``interval``).
+        text_dim: width of the text encoder's embeddings (0: the network reads no text). Set
+            from the text encoder under the CLI. ``y`` is then a
+            :class:`flowdiff.text.TextCondition` (None or an empty caption: the null caption,
+            a learned null embedding, :class:`flowdiff.nets.text.TextEmbedder`). The pooled text
+            joins the time embedding; the tokens are read by cross-attention at the
+            ``attention_levels`` (none: the pooled text alone).
     """
+
+    # Convolutions on a CPU run ~20% faster on NHWC than on NCHW tensors (the Network contract).
+    memory_format = torch.channels_last
 
     def __init__(
         self,
@@ -174,6 +104,7 @@ class UNet(Recorded, nn.Module):
         zero_init: bool = True,
         interval: bool = False,
         time_scale: float | None = None,
+        text_dim: int = 0,
     ):
         super().__init__()
         num_classes = num_classes or 0  # None: the data's under the CLI, none in plain Python
@@ -190,11 +121,20 @@ class UNet(Recorded, nn.Module):
             norm_groups,
             dropout,
         )
+        if text_dim < 0 or (text_dim and num_classes):
+            raise UsageError(
+                f"text_dim must be >= 0 (0: no text) and a network conditions on labels or on "
+                f"text, not both; got num_classes {num_classes}, text_dim {text_dim}"
+            )
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
+        self.text_dim = text_dim
         levels = len(channels)
 
         self.time_embed, self.interval_embed = time_embeddings(time_embed_dim, interval, time_scale)
         self.label_embed = LabelEmbedding(num_classes, time_embed_dim) if num_classes else None
+        reads_tokens = bool(attention_levels)
+        self.text_embed = TextEmbedder(text_dim, time_embed_dim, reads_tokens) if text_dim else None
+        text_width = time_embed_dim if text_dim and reads_tokens else 0
         self.interval = interval
 
         def stage(level: int) -> Stage:
@@ -207,6 +147,7 @@ class UNet(Recorded, nn.Module):
                 norm,
                 norm_groups,
                 dropout,
+                text_width,
             )
 
         self.input = nn.Conv2d(in_channels, channels[0], 3, padding=1)
@@ -223,30 +164,30 @@ class UNet(Recorded, nn.Module):
         )
         self.decoder = nn.ModuleList(stage(i) for i in reversed(range(levels - 1)))
         self.output = nn.Sequential(
-            _norm(norm, channels[0], norm_groups),
+            make_norm(norm, channels[0], norm_groups),
             nn.SiLU(),
             nn.Conv2d(channels[0], in_channels, 3, padding=1),
         )
         if zero_init:
-            for module in self.modules():
-                if isinstance(module, ResBlock):
-                    nn.init.zeros_(module.conv2.weight)
-                    nn.init.zeros_(module.conv2.bias)
-                elif isinstance(module, SelfAttention):
-                    nn.init.zeros_(module.out.weight)
-                    nn.init.zeros_(module.out.bias)
-            nn.init.zeros_(self.output[-1].weight)
-            nn.init.zeros_(self.output[-1].bias)
+            blocks = [m for m in self.modules() if isinstance(m, ZERO_INIT_BLOCKS)]
+            for layer in [*(z for m in blocks for z in m.zero_init()), self.output[-1]]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None):
-        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes] or None (null);
-        r: (B,) the interval's other end (``interval=True``).
+    def forward(self, x: Tensor, t: Tensor, y=None, r: Tensor | None = None):
+        """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels in [0, num_classes], a
+        :class:`flowdiff.text.TextCondition` for a text network, or None (null); r: (B,) the
+        interval's other end (``interval=True``).
 
         Returns (B, C, H, W).
         """
         emb = self.time_embed(t)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y, x.shape[0])
+        text = mask = None
+        if self.text_embed is not None:
+            text, mask, pooled = self.text_embed(y, x.shape[0])
+            emb = emb + pooled
         if self.interval_embed is not None:
             emb = emb + self.interval_embed(t, r)
         # Every block's projection starts with a SiLU: apply it once here.
@@ -255,14 +196,14 @@ class UNet(Recorded, nn.Module):
         h = self.input(x)
         skips = []
         for stage, down in zip(self.encoder, self.down, strict=True):
-            h = stage(h, emb)
+            h = stage(h, emb, text, mask)
             skips.append(h)
             h = down(h)
-        h = self.midcoder(h, emb)
+        h = self.midcoder(h, emb, text, mask)
         for up, stage in zip(self.up, self.decoder, strict=True):
             skip = skips.pop()
             h = F.interpolate(up(h), size=skip.shape[-2:], mode="nearest") + skip
-            h = stage(h, emb)
+            h = stage(h, emb, text, mask)
         return self.output(h)
 
 

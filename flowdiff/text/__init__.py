@@ -8,12 +8,12 @@ tokenizer of the default encoder, and the condition networks read.
 """
 
 from flowdiff.text.condition import TextCondition
-from flowdiff.text.encoders import TextEncoder, TrainedTextEncoder
+from flowdiff.text.encoders import TextEncoder, TrainedTextEncoder, check_text_network
 from flowdiff.text.precomputed import PrecomputedTextEncoder
 from flowdiff.text.pretrained import PretrainedTextEncoder
 from flowdiff.text.tokenizer import WordTokenizer
 
 __all__ = [
     "PrecomputedTextEncoder", "PretrainedTextEncoder", "TextCondition", "TextEncoder",
-    "TrainedTextEncoder", "WordTokenizer",
+    "TrainedTextEncoder", "WordTokenizer", "check_text_network",
 ]  # fmt: skip

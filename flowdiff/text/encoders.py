@@ -156,3 +156,19 @@ class TrainedTextEncoder(Recorded, TextEncoder):
         for text in self.tokenizer.long_texts(texts):
             out.append(f"prompt cut to the encoder's {self.max_length} words: {text!r}")
         return out
+
+
+def check_text_network(net: nn.Module, text_encoder: TextEncoder | None) -> None:
+    """A network reads text exactly when there is a text encoder, of the encoder's width."""
+    text_dim = int(getattr(net, "text_dim", 0) or 0)
+    if text_encoder is None and text_dim:
+        raise UsageError(
+            f"the network reads text (text_dim {text_dim}) but the model has no text encoder; "
+            "set model.text_encoder (captioned data gets flowdiff.text.TrainedTextEncoder)"
+        )
+    if text_encoder is not None and text_dim != text_encoder.dim:
+        what = "reads no text" if not text_dim else f"reads text of width {text_dim}"
+        raise UsageError(
+            f"the network {what} but the text encoder gives width {text_encoder.dim}; set "
+            f"model.net.init_args.text_dim {text_encoder.dim} (a network that takes text_dim)"
+        )
