@@ -264,7 +264,8 @@ DEFAULT_TEXT_ENCODER = "flowdiff.text.TrainedTextEncoder"
 
 
 def size_text(model, datamodule) -> None:
-    """Give captioned data a text encoder (the trained one unless the config names one), fill in
+    """Give captioned data a text encoder (the trained one unless the config names one or the
+    data holds the captions' embeddings: then the precomputed one), fill in
     what the captions fix of it (a vocabulary), and give the network the encoder's width as its
     ``text_dim``; refuse a text encoder on data without captions."""
     import inspect
@@ -281,6 +282,11 @@ def size_text(model, datamodule) -> None:
                 " conditioning); remove it or use captioned data"
             )
         return
+    embeddings = getattr(datamodule, "text_embeddings", None)  # given beside the captions
+    if encoder is None and embeddings:
+        encoder = model["text_encoder"] = Namespace(
+            class_path="flowdiff.text.PrecomputedTextEncoder", init_args=Namespace(path=embeddings)
+        )
     if encoder is None:
         encoder = model["text_encoder"] = Namespace(class_path=DEFAULT_TEXT_ENCODER)
     if encoder.get("init_args") is None:

@@ -2,7 +2,8 @@
 labels or ``text`` (N captions).
 
 - ``.pt``: a dict with ``x`` (and ``y``, optionally ``class_names``, or ``text``: a list of
-  strings), or a tensor (x alone);
+  strings, optionally with their embeddings ``tokens``, ``mask``, ``pooled``: see
+  :class:`flowdiff.text.PrecomputedTextEncoder`), or a tensor (x alone);
 - ``.npz``: arrays ``x`` (and ``y``, optionally ``class_names``, or ``text``: strings);
 - ``.npy``: one array, x alone.
 
@@ -69,6 +70,14 @@ def read_pairs(path: str | Path) -> tuple[Tensor, Tensor | list[str] | None, lis
     return _as_tensor(content["x"]), (_as_tensor(y) if y is not None else None), names
 
 
+def holds_embeddings(path: str | Path) -> bool:
+    """Whether a ``.pt`` file holds ``tokens`` (text embeddings, read memory-mapped)."""
+    if Path(path).suffix != ".pt":
+        return False
+    content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(content, dict) and "tokens" in content
+
+
 def check_pairs(x: Tensor, y: Tensor | list[str] | None, where: str) -> None:
     if x.dim() < 2 or len(x) < 2:
         raise UsageError(f"{where}: x must be (N, ...) with N >= 2 samples, got {tuple(x.shape)}")
@@ -124,6 +133,9 @@ class TensorPairsDataModule(FlowDataModule):
         self.images = x.dtype == torch.uint8 and x.dim() == 4
         self.x = x
         self.captioned = isinstance(y, list)
+        # A .pt file may hold the captions' embeddings beside them (tokens, mask, pooled): the
+        # CLI then reads them with flowdiff.text.PrecomputedTextEncoder (path: this file).
+        self.text_embeddings = str(path) if self.captioned and holds_embeddings(path) else None
         if self.captioned:
             self.y = CaptionTable([[caption] for caption in y], seed)
             y = None

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 from torch import nn
@@ -55,7 +56,8 @@ class TextEncoder(nn.Module):
         """Called with the data's training captions before training (nothing by default)."""
 
     def prompt_warnings(self, texts: list[str]) -> list[str]:
-        """One line for each problem of ``texts`` as prompts (too long, unknown words)."""
+        """One line for each problem of ``texts`` as prompts (too long, unknown words); a
+        UsageError for prompts the encoder cannot encode at all (said before sampling starts)."""
         return []
 
     def forward(self, texts: list[str]) -> TextCondition:
@@ -63,7 +65,8 @@ class TextEncoder(nn.Module):
         real = [i for i, text in enumerate(texts) if text.strip()]
         if len(real) == len(texts):
             return self.encode(texts)
-        device = next(self.parameters(), torch.empty(0)).device
+        # An encoder without parameters (a frozen one) keeps a buffer on its device.
+        device = next(itertools.chain(self.parameters(), self.buffers()), torch.empty(0)).device
         if not real:
             empty = torch.zeros(len(texts), 1, self.dim, device=device)
             mask = torch.zeros(len(texts), 1, dtype=torch.bool, device=device)
