@@ -17,7 +17,7 @@ from torch import Tensor
 
 from flowdiff.data.caption_evaluation import CaptionedImageEvaluator
 from flowdiff.data.evaluators import Column, EvalOptions
-from flowdiff.data.shapes import ATTRIBUTES, COMBINATIONS, HELD_OUT, draw_shapes, parse_caption
+from flowdiff.data.shapes_draw import ATTRIBUTES, COMBINATIONS, HELD_OUT, draw_shapes, parse_caption
 
 CLASSIFIER_SEED = 5_000_081
 CLASSIFIER_TRAIN, CLASSIFIER_TEST = 12_000, 2_000
