@@ -75,3 +75,15 @@ class GaussianMixtureField(Field):
     def component(self, k: int) -> GaussianMixtureField:
         """The exact field of component ``k`` alone (the conditional field ``u(x|y=k)``)."""
         return GaussianMixtureField(self.path, [1.0], self.means[k : k + 1], self.stds[k : k + 1])
+
+
+def random_text_condition(b: int, length: int, width: int, seed: int):
+    """``b`` random encoded captions of 1..``length`` tokens of ``width`` (padding zero and
+    masked), for tests of networks that read text."""
+    from flowdiff.text.condition import TextCondition
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    tokens = torch.randn(b, length, width, generator=g) * mask[..., None]
+    return TextCondition(tokens, mask, torch.randn(b, width, generator=g))

@@ -11,7 +11,7 @@ from flowdiff.fields import ModelField
 from flowdiff.nets.dit import DiT
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.samplers import EulerSampler
-from flowdiff.testing import GaussianMixtureField
+from flowdiff.testing import GaussianMixtureField, random_text_condition
 from flowdiff.text import TextCondition, TextEncoder, TrainedTextEncoder, WordTokenizer
 from flowdiff.utils import UsageError
 
@@ -86,11 +86,7 @@ def text_dit(mode: str) -> DiT:
 
 
 def condition(b: int, length: int, seed: int) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (b,), generator=g)
-    mask = torch.arange(length)[None] < lengths[:, None]
-    tokens = torch.randn(b, length, 16, generator=g) * mask[..., None]
-    return TextCondition(tokens, mask, torch.randn(b, 16, generator=g))
+    return random_text_condition(b, length, 16, seed)
 
 
 MODES = ["pooled", "cross", "joint"]

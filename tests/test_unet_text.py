@@ -8,6 +8,7 @@ import torch
 from flowdiff.nets.transformer import CrossAttention
 from flowdiff.nets.unet import UNet
 from flowdiff.nets.unet_blocks import SelfAttention
+from flowdiff.testing import random_text_condition
 from flowdiff.text import TextCondition
 from flowdiff.utils import UsageError
 
@@ -27,11 +28,7 @@ def text_unet(attention_levels=(0, 1), norm="group", randomise=True, **kwargs) -
 
 
 def condition(b: int, length: int, seed: int) -> TextCondition:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (b,), generator=g)
-    mask = torch.arange(length)[None] < lengths[:, None]
-    tokens = torch.randn(b, length, WIDTH, generator=g) * mask[..., None]
-    return TextCondition(tokens, mask, torch.randn(b, WIDTH, generator=g))
+    return random_text_condition(b, length, WIDTH, seed)
 
 
 def test_padding_tokens_never_change_a_text_unets_output():
