@@ -44,6 +44,37 @@ def test_ema_update_is_lerp_with_warm_decay():
     assert not every10.should_update(epoch_idx=0)
 
 
+def test_ema_update_equals_lightnings_averaged_model_value_for_value():
+    # flowdiff's update replaces AveragedModel.update_parameters (the lists built once, the
+    # count mirrored on the host); it must leave the same parameters, buffers and count, from
+    # the first update (a copy) through the warm-up, and again after the count is reloaded.
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(decay=0.9, warmup=3)
+    ema._average_model = AveragedModel(model, use_buffers=False, **ema._kwargs)
+    reference = AveragedModel(model, use_buffers=False, **ema._kwargs)
+
+    def same():
+        for a, b in zip(ema._average_model.state_dict().values(), reference.state_dict().values(),
+                        strict=True):  # fmt: skip
+            assert torch.equal(a, b)
+
+    for step in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # BatchNorm's running statistics move: buffers to copy
+        ema._update(model)
+        reference.update_parameters(model)
+        same()
+        if step == 5:  # a resumed fit: the count comes from the checkpoint, the lists are rebuilt
+            ema._tensors = ema._count = None
+    assert int(ema._average_model.n_averaged) == 12
+    assert not torch.equal(ema._average_model.module[0].weight, model[0].weight)
+
+
 @pytest.mark.parametrize("kwargs", [{"decay": 1.0}, {"decay": -0.1}, {"update_every_n_steps": 0}])
 def test_ema_bad_arguments(kwargs):
     from flowdiff.utils import UsageError

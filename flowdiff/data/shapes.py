@@ -9,11 +9,17 @@ the **position** (the quadrant: top left, top right, bottom left, bottom right) 
 Geometry, in units of the side S (pixel centres at ``i + 1/2``; a pixel is the shape's when its
 centre is inside it, so every shape pixel has exactly the caption's colour):
 
-- centre: the quadrant's centre (S/4 or 3S/4 on each axis) moved by up to S/48 on each axis;
-- half-extent h: small in [0.125, 0.145] S, large in [0.19, 0.22] S (a large shape is at least
-  1.3 times as wide as a small one of its kind; areas 2h^2 (triangle) to pi h^2 (circle));
-- circle of radius h; square of half-side 0.85 h; triangle pointing up, apex at ``cy - h``, base
-  ``2h`` wide at ``cy + h``. Every shape stays inside its quadrant.
+- centre: the quadrant's centre (S/4 or 3S/4 on each axis) moved by up to S/96 on each axis;
+- half-extent h: small in [0.16, 0.175] S, large in [0.21, 0.235] S (a large shape is at least
+  1.2 times as wide as a small one of its kind; areas 2h^2 (triangle) to 4h^2 (square));
+- circle of radius h; square of half-side h (the circle's bounding square); triangle pointing up,
+  apex at ``cy - h``, base ``2h`` wide at ``cy + h``. Every shape stays inside its quadrant.
+
+The sizes are the smallest at which shapes are told apart by more than their rasterization: at
+24 px a small circle (radius 3.8 to 4.2 px) and the small square of the same draw differ in at
+least 8 pixels. (Until 2026-12-06 the small shapes had h = 3 to 3.5 px and squares of half-side
+0.85 h: a small circle and square then differed in as few as 2 pixels, and nearly every shape
+error of a trained model was one read for the other.)
 
 **Held-out combinations** (:data:`HELD_OUT`): eight full combinations never drawn for training
 (every value of every attribute, and every pair of values, still occurs in training). The
@@ -42,7 +48,6 @@ from flowdiff.data.shapes_draw import (  # noqa: F401 (the data's vocabulary, re
     SHAPES,
     SIZE_RANGE,
     SIZES,
-    SQUARE_HALF_SIDE,
     TEMPLATES,
     VALIDATION_STREAM,
     caption,

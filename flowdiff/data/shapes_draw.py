@@ -15,9 +15,8 @@ COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 230),
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SIZES = ("small", "large")
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS, "size": SIZES}
-SIZE_RANGE = {"small": (0.125, 0.145), "large": (0.19, 0.22)}  # half-extent h / S
-JITTER = 1 / 48  # largest move of the centre from its quadrant's centre, / S
-SQUARE_HALF_SIDE = 0.85  # / h
+SIZE_RANGE = {"small": (0.16, 0.175), "large": (0.21, 0.235)}  # half-extent h / S
+JITTER = 1 / 96  # largest move of the centre from its quadrant's centre, / S
 TEMPLATES = (
     "a {size} {colour} {shape} at the {position}",
     "{size} {colour} {shape}, {position}",
@@ -86,7 +85,7 @@ def draw_shapes(combinations: Tensor, size: int, g: torch.Generator) -> Tensor:
     dx = grid[None, None, :] - cx[:, None, None]  # (N, 1, S)
     h = h[:, None, None]
     circle = dy**2 + dx**2 <= h**2
-    square = (dy.abs() <= SQUARE_HALF_SIDE * h) & (dx.abs() <= SQUARE_HALF_SIDE * h)
+    square = (dy.abs() <= h) & (dx.abs() <= h)
     triangle = (dy >= -h) & (dy <= h) & (dx.abs() <= (dy + h) / 2)
     inside = torch.stack([circle, square, triangle], 1)[torch.arange(n), shape]  # (N, S, S)
     rgb = torch.tensor(list(COLOURS.values()), dtype=torch.uint8)[colour]  # (N, 3)
