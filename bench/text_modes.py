@@ -9,7 +9,7 @@ combinations; FD, R-precision, per-attribute accuracy) over ``--guidance``. Prin
 table. Run by hand (the default is about 1.5 hours of wall time on 2 free CPU cores):
 
     python bench/text_modes.py [--cpu-seconds 1800] [--num-samples 500] [--guidance 1,2,3,4]
-        [--out runs/text-modes] [--evaluate-only]
+        [--steps 20] [--out runs/text-modes] [--evaluate-only]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=1800)
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--guidance", default="1,2,3,4")
+    parser.add_argument("--steps", default="20", help="Euler steps of the evaluation's sampler")
     parser.add_argument("--out", type=Path, default=Path("runs/text-modes"))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--evaluate-only", action="store_true", help="score the runs in --out")
@@ -67,8 +68,9 @@ def main() -> None:
         out = args.out / mode / "eval"
         subprocess.run(
             [sys.executable, "-m", "flowdiff.cli", "evaluate", "--ckpt", str(ckpt),
-             "--guidance", args.guidance, "--num-samples", str(args.num_samples),
-             "--nll", "false", "--wandb", "false", "--out", str(out), "--overwrite", "true"],
+             "--guidance", args.guidance, "--steps", args.steps,
+             "--num-samples", str(args.num_samples), "--nll", "false", "--wandb", "false",
+             "--out", str(out), "--overwrite", "true"],
             env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         report = json.loads((out / "metrics.json").read_text())

@@ -89,7 +89,8 @@ def test_at_24_px_a_circle_and_the_square_of_the_same_draw_differ_in_8_pixels_or
                 torch.full((n,), combination_index((shape, "red", "top left", size))),
                 24,
                 torch.Generator().manual_seed(3),
-            )[:, 0] > 0
+            )[:, 0]
+            > 0
             for shape in ("circle", "square")
         )
         differ[size] = int((circles ^ squares).flatten(1).sum(1).min())
