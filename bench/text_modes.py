@@ -77,9 +77,10 @@ def main() -> None:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         params = sum(v.numel() for k, v in saved["state_dict"].items()
                      if k.startswith(("net.", "text_encoder.")))  # fmt: skip
-        best = max(
-            report["rows"], key=lambda r: r["metrics"]["seen_all"] + r["metrics"]["held_out_all"]
-        )
+        # The best scale: most samples with every attribute right, then the lowest FD.
+        best = max(report["rows"], key=lambda r: (
+            r["metrics"]["seen_all"] + r["metrics"]["held_out_all"], -r["metrics"]["fd"]
+        ))  # fmt: skip
         m = best["metrics"]
         print(f"| {mode} | {params / 1e6:.2f} M | {saved['global_step']} | {best['guidance']:g} | "
               f"{m['fd']:.2f} | {m['r_precision']:.3f} | {m['seen_all']:.3f} | "
