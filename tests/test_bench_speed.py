@@ -1,4 +1,5 @@
-"""The speed benchmarks run (tiny): bench/toy_throughput.py with --hidden, bench/lightning_floor.py.
+"""The speed benchmarks run (tiny): bench/toy_throughput.py with --hidden, bench/lightning_floor.py,
+bench/toy_overhead.py.
 They time nothing here; they must only keep working, and measure what they say."""
 
 import json
@@ -54,3 +55,14 @@ def test_lightning_floor_reports_the_difference_of_its_two_loops():
     lightning, bare, cost = map(float, found.groups())
     assert lightning > 0 and bare > 0
     assert abs((lightning - bare) - cost) <= 1.5e-3  # printed to 3 decimals
+
+
+def test_toy_overhead_lists_each_part_and_their_sum():
+    out = _run("bench/toy_overhead.py", "--steps", "20", "--calls", "5", "--val-every", "1500")
+    rows = dict(re.findall(r"^\| (.+?) \| \**(-?[0-9.]+)\** \|", out, re.M))
+    parts = {k: float(v) for k, v in rows.items() if "in all" not in k}
+    for part in ("loss", "EMA", "non-finite guard", "logging", "checkpoint", "validation"):
+        assert any(k.startswith(part) for k in parts), (part, out)
+    total = float(next(v for k, v in rows.items() if "in all" in k))
+    assert abs(total - sum(parts.values())) <= 0.05 * len(parts)  # printed to 1 decimal
+    assert parts[next(k for k in parts if k.startswith("validation"))] > 0
