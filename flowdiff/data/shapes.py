@@ -15,11 +15,11 @@ centre is inside it, so every shape pixel has exactly the caption's colour):
 - circle of radius h; square of half-side h (the circle's bounding square); triangle pointing up,
   apex at ``cy - h``, base ``2h`` wide at ``cy + h``. Every shape stays inside its quadrant.
 
-The sizes are the smallest at which shapes are told apart by more than their rasterization: at
-24 px a small circle (radius 3.8 to 4.2 px) and the small square of the same draw differ in at
-least 8 pixels. (Until 2026-12-06 the small shapes had h = 3 to 3.5 px and squares of half-side
-0.85 h: a small circle and square then differed in as few as 2 pixels, and nearly every shape
-error of a trained model was one read for the other.)
+The sizes are chosen so that shapes differ by more than their rasterization: at 24 px a small
+circle (radius 3.8 to 4.2 px) and the small square of the same draw differ in at least 8 pixels.
+(Until 2026-12-06 the small shapes had h = 3 to 3.5 px and squares of half-side 0.85 h: a small
+circle and square then differed in as few as 2 pixels, and every shape error of a trained model
+was a circle read as a square or the reverse.)
 
 **Held-out combinations** (:data:`HELD_OUT`): eight full combinations never drawn for training
 (every value of every attribute, and every pair of values, still occurs in training). The
