@@ -26,15 +26,15 @@ from flowdiff.data.evaluators import (
     REFERENCE_SEED,
     Column,
     EvalOptions,
-    Evaluator,
     LikelihoodData,
 )
+from flowdiff.data.image_evaluation import ImageEvaluatorBase
 from flowdiff.metrics.pixels import pixels_to_float
 
 R_SEED = 4_000_081  # the distractors of R-precision
 
 
-class CaptionedImageEvaluator(Evaluator):
+class CaptionedImageEvaluator(ImageEvaluatorBase):
     """Prompt adherence and FD of captioned images.
 
     Args:
@@ -45,12 +45,6 @@ class CaptionedImageEvaluator(Evaluator):
         data_shape: (C, H, W).
         options: cache folder, ``clip`` checkpoint.
     """
-
-    num_samples = 1000
-    chunk_size = 128
-    nll_samples = 256
-    per_class = 8
-    validation_size = 32
 
     def __init__(
         self,
@@ -155,15 +149,10 @@ class CaptionedImageEvaluator(Evaluator):
         return metrics
 
     def likelihood_data(self, n: int) -> LikelihoodData:
-        from flowdiff.metrics.pixels import bits_per_dim, dequantize
-
         pixels, captions = self.reference_pairs(n, NLL_SEED)
-        x = dequantize(pixels, torch.Generator().manual_seed(NLL_SEED + 1))
-        return LikelihoodData(
-            x.contiguous(memory_format=torch.channels_last), captions, "hutchinson", 2.0,
-            lambda log_p: bits_per_dim(log_p, pixels[0].numel()), "bits/dim", "bits_per_dim",
-            f"{len(pixels)} held-out images, seed {NLL_SEED}; uniform dequantisation",
-        )  # fmt: skip
+        return self.pixel_likelihood(
+            pixels, captions, f"{len(pixels)} held-out images, seed {NLL_SEED}"
+        )
 
     def protocol(self, num_samples: int) -> dict:
         from flowdiff.metrics.text import R_CANDIDATES
@@ -180,11 +169,3 @@ class CaptionedImageEvaluator(Evaluator):
         if self.options.clip:
             out["CLIP score"] = self.clip_note or f"100 max(cos, 0), {self.options.clip}"
         return out
-
-    def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
-        from flowdiff.plots import labelled_grid, plot_image_grids
-
-        grids = {
-            name: labelled_grid(images, labels, names) for name, (images, labels) in panels.items()
-        }
-        return plot_image_grids(grids, title=title)

@@ -52,15 +52,45 @@ NO_FEATURES = (
 )
 
 
-class ImageEvaluator(Evaluator):
-    """Images in the features of a network that suits them (see :class:`ImageSource`), and of
-    Inception-v3 when the user has its weights (:mod:`flowdiff.metrics.inception`)."""
+class ImageEvaluatorBase(Evaluator):
+    """What the image evaluators share (:class:`ImageEvaluator`, and the captioned one of
+    :mod:`flowdiff.data.caption_evaluation`): sample counts sized for images, bits/dim of
+    dequantized held-out images, pictures as labelled grids."""
 
     num_samples = 1000
     chunk_size = 128
     nll_samples = 256
     per_class = 8
     validation_size = 32
+    class_names: list[str] | None = None  # the row names of pictures when none are given
+
+    @staticmethod
+    def pixel_likelihood(pixels: Tensor, labels, note: str) -> LikelihoodData:
+        """Bits/dim of uint8 ``pixels`` (with their labels or captions), uniformly dequantized
+        (seed ``NLL_SEED + 1``); ``note`` says which images they are."""
+        from flowdiff.metrics.pixels import bits_per_dim, dequantize
+
+        x = dequantize(pixels, torch.Generator().manual_seed(NLL_SEED + 1))
+        dims = pixels[0].numel()
+        return LikelihoodData(
+            x.contiguous(memory_format=torch.channels_last), labels, "hutchinson", 2.0,
+            lambda log_p: bits_per_dim(log_p, dims), "bits/dim", "bits_per_dim",
+            f"{note}; uniform dequantisation",
+        )  # fmt: skip
+
+    def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
+        from flowdiff.plots import labelled_grid, plot_image_grids
+
+        grids = {
+            name: labelled_grid(images, labels, names or self.class_names)
+            for name, (images, labels) in panels.items()
+        }
+        return plot_image_grids(grids, title=title)
+
+
+class ImageEvaluator(ImageEvaluatorBase):
+    """Images in the features of a network that suits them (see :class:`ImageSource`), and of
+    Inception-v3 when the user has its weights (:mod:`flowdiff.metrics.inception`)."""
 
     def __init__(
         self,
@@ -146,18 +176,11 @@ class ImageEvaluator(Evaluator):
         return metrics
 
     def likelihood_data(self, n: int) -> LikelihoodData:
-        from flowdiff.metrics.pixels import bits_per_dim, dequantize
-
         images, labels = self.data()[1]
         pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(NLL_SEED))[:n]
-        pixels = images[pick]
-        x = dequantize(pixels, torch.Generator().manual_seed(NLL_SEED + 1))
-        dims = pixels[0].numel()
-        return LikelihoodData(
-            x.contiguous(memory_format=torch.channels_last), labels[pick], "hutchinson", 2.0,
-            lambda log_p: bits_per_dim(log_p, dims), "bits/dim", "bits_per_dim",
-            f"{len(pick)} test images, seed {NLL_SEED}; uniform dequantisation",
-        )  # fmt: skip
+        return self.pixel_likelihood(
+            images[pick], labels[pick], f"{len(pick)} test images, seed {NLL_SEED}"
+        )
 
     def protocol(self, num_samples: int) -> dict:
         metrics = []
@@ -174,15 +197,6 @@ class ImageEvaluator(Evaluator):
         if self.num_classes:
             out["labels"] = f"sample i asks for class i mod {self.num_classes}"
         return out
-
-    def figure(self, panels: dict, trajectory=None, title: str = "", names=None):
-        from flowdiff.plots import labelled_grid, plot_image_grids
-
-        grids = {
-            name: labelled_grid(images, labels, names or self.class_names)
-            for name, (images, labels) in panels.items()
-        }
-        return plot_image_grids(grids, title=title)
 
 
 def labelled_source(
