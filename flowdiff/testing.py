@@ -87,3 +87,14 @@ def random_text_condition(b: int, length: int, width: int, seed: int):
     mask = torch.arange(length)[None] < lengths[:, None]
     tokens = torch.randn(b, length, width, generator=g) * mask[..., None]
     return TextCondition(tokens, mask, torch.randn(b, width, generator=g))
+
+
+def pad_with_garbage(y, extra: int = 7, seed: int = 0):
+    """``y`` (a TextCondition) with ``extra`` more padding slots holding large random values,
+    masked: a network that honours the mask gives the same output for both."""
+    from flowdiff.text.condition import TextCondition
+
+    b, _, width = y.tokens.shape
+    garbage = torch.randn(b, extra, width, generator=torch.Generator().manual_seed(seed)) * 100
+    mask = torch.cat([y.mask, torch.zeros(b, extra, dtype=torch.bool)], 1)
+    return TextCondition(torch.cat([y.tokens, garbage], 1), mask, y.pooled)

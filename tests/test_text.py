@@ -11,7 +11,7 @@ from flowdiff.fields import ModelField
 from flowdiff.nets.dit import DiT
 from flowdiff.paths import GaussianConditionalPath
 from flowdiff.samplers import EulerSampler
-from flowdiff.testing import GaussianMixtureField, random_text_condition
+from flowdiff.testing import GaussianMixtureField, pad_with_garbage, random_text_condition
 from flowdiff.text import TextCondition, TextEncoder, TrainedTextEncoder, WordTokenizer
 from flowdiff.utils import UsageError
 
@@ -98,12 +98,7 @@ def test_padding_tokens_never_change_a_text_networks_output(mode):
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), condition(4, 5, 0)
     out = net(x, t, y)
     # Longer padding holding garbage: masked keys are never read.
-    garbage = torch.randn(4, 7, 16) * 100
-    padded = TextCondition(
-        torch.cat([y.tokens, garbage], 1), torch.cat([y.mask, torch.zeros(4, 7, dtype=bool)], 1),
-        y.pooled,
-    )  # fmt: skip
-    torch.testing.assert_close(net(x, t, padded), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(x, t, pad_with_garbage(y)), out, atol=1e-5, rtol=1e-5)
     # ... while the real tokens and the pooled vector do change it (the test can fail).
     other = condition(4, 5, 1)
     assert (net(x, t, other) - out).abs().max() > 1e-2

@@ -8,7 +8,7 @@ import torch
 from flowdiff.nets.transformer import CrossAttention
 from flowdiff.nets.unet import UNet
 from flowdiff.nets.unet_blocks import SelfAttention
-from flowdiff.testing import random_text_condition
+from flowdiff.testing import pad_with_garbage, random_text_condition
 from flowdiff.text import TextCondition
 from flowdiff.utils import UsageError
 
@@ -35,12 +35,8 @@ def test_padding_tokens_never_change_a_text_unets_output():
     net = text_unet()
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), condition(4, 5, 0)
     out = net(x, t, y)
-    garbage = torch.randn(4, 7, WIDTH) * 100  # longer padding holding garbage: never read
-    padded = TextCondition(
-        torch.cat([y.tokens, garbage], 1), torch.cat([y.mask, torch.zeros(4, 7, dtype=bool)], 1),
-        y.pooled,
-    )  # fmt: skip
-    torch.testing.assert_close(net(x, t, padded), out, atol=1e-5, rtol=1e-5)
+    # Longer padding holding garbage: masked keys are never read.
+    torch.testing.assert_close(net(x, t, pad_with_garbage(y)), out, atol=1e-5, rtol=1e-5)
     # ... while the tokens (cross-attention) and the pooled vector (embedding) do change it.
     other = condition(4, 5, 1)
     assert (net(x, t, TextCondition(other.tokens, other.mask, y.pooled)) - out).abs().max() > 1e-2
