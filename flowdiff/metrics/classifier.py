@@ -22,8 +22,6 @@ Other labelled image data (an image folder, tensor files of images) gets the sam
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowdiff.metrics.model_cache import cache_path, check_writable, read_cached
 from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError, atomic_path, default_cache  # noqa: F401 (re-exported)
 
@@ -180,11 +179,6 @@ def classifier_protocol(
     }
 
 
-def cache_path(cache_dir: str | Path, protocol: dict, name: str = "mnist-classifier") -> Path:
-    key = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{name}-{key}.pt"
-
-
 def to_float(images: Tensor) -> Tensor:
     """uint8 (N, 28, 28) or (N, 1, H, W) to float (N, 1, H, W) in [-1, 1]."""
     return pixels_to_float(images.unsqueeze(1) if images.dim() == 3 else images)
@@ -272,23 +266,11 @@ def load_or_train_classifier(
     log = (lambda msg: print(f"flowdiff: {msg}", file=sys.stderr)) if progress else (lambda _: None)
     protocol = classifier_protocol(train, test, recipe)
     path = cache_path(cache_dir, protocol, recipe.name)
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("protocol") != protocol:
-                raise ValueError("its protocol differs from this one")
-            model = recipe.make()
-            model.load_state_dict(saved["state_dict"])
-            info = ClassifierInfo(path, float(saved["test_accuracy"]), False, protocol)
-            return model.eval(), info
-        except Exception as err:  # a damaged cache file costs a retraining, nothing more
-            log(f"classifier cache {path} unreadable ({type(err).__name__}: {err}); retraining")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the classifier cache {str(path.parent)!r}: {err}") from err
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # said now, not after training
-        raise UsageError(f"cannot write to the classifier cache {str(path.parent)!r}")
+    cached = read_cached(path, protocol, recipe.make, log, "classifier cache")
+    if cached is not None:
+        model, saved = cached
+        return model, ClassifierInfo(path, float(saved["test_accuracy"]), False, protocol)
+    check_writable(path.parent, "classifier cache")
     log(f"training the feature classifier (once; cached as {path})")
     model = train_classifier(train, log, recipe)
     test_accuracy = accuracy(model, test)

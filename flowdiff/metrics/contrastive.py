@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowdiff.metrics.classifier import ImageClassifier, _digest, cache_path
+from flowdiff.metrics.classifier import ImageClassifier, _digest
 from flowdiff.metrics.images import quantize
+from flowdiff.metrics.model_cache import cache_path, check_writable, read_cached
 from flowdiff.metrics.pixels import pixels_to_float
 from flowdiff.utils import UsageError, atomic_path
 
@@ -130,23 +130,16 @@ def load_or_train_contrastive(
     whether it was trained now."""
     protocol = protocol_of(images, captions, data_shape)
     path = cache_path(cache_dir, protocol, "contrastive")
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("protocol") != protocol:
-                raise ValueError("its protocol differs from this one")
-            model = ContrastiveModel(data_shape, protocol["vocabulary"], TRAINING["dim"],
-                                     TRAINING["text_dim"])  # fmt: skip
-            model.load_state_dict(saved["state_dict"])
-            return model.eval(), path, False
-        except Exception as err:  # a damaged cache file costs a retraining, nothing more
-            log(f"contrastive cache {path} unreadable ({type(err).__name__}: {err}); retraining")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the cache {str(path.parent)!r}: {err}") from err
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to the cache {str(path.parent)!r}")
+
+    def make() -> ContrastiveModel:
+        return ContrastiveModel(
+            data_shape, protocol["vocabulary"], TRAINING["dim"], TRAINING["text_dim"]
+        )
+
+    cached = read_cached(path, protocol, make, log, "contrastive cache")
+    if cached is not None:
+        return cached[0], path, False
+    check_writable(path.parent, "cache")
     log(f"training the image-text contrastive model (once; cached as {path})")
     model = train_contrastive(images, captions, protocol, data_shape, log)
     with atomic_path(path) as tmp:
